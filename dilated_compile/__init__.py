@@ -1,0 +1,41 @@
+"""dilated_compile: LongNet-style dilated attention for torch.compile.
+
+Write ``F.scaled_dot_product_attention`` as usual, mark where it is dilated, compile::
+
+    import torch, torch.nn.functional as F
+    import dilated_compile
+    from dilated_compile import DilatedSpec, dilated
+
+    spec = DilatedSpec(segment_lengths=(2048, 4096), dilation_rates=(1, 2))
+
+    @dilated(spec)
+    def attend(q, k, v):                      # [B, H, N, D]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    fast = torch.compile(attend, backend="dilated_compile")   # or dilated_compile.compile(attend)
+    print(dilated_compile.explain(attend, q, k, v))           # the rewrites it makes
+
+Importing the package registers the ``torch.ops.dilated_compile.*`` ops and the
+``"dilated_compile"`` backend; it initialises no CUDA context.
+"""
+
+from . import ops
+from .annotation import dilated
+from .backend import compile
+from .explain import ExplainReport, explain
+from .functional import dilated_attention
+from .graph_breaks import GraphBreakInDilatedRegionWarning
+from .spec import DilatedSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DilatedSpec",
+    "ExplainReport",
+    "GraphBreakInDilatedRegionWarning",
+    "compile",
+    "dilated",
+    "dilated_attention",
+    "explain",
+    "ops",
+]

@@ -1,0 +1,199 @@
+"""``dilated(...)``: mark the SDPA calls that compute dilated attention.
+
+Users keep writing ``F.scaled_dot_product_attention``; inside ``dilated(...)`` (a context manager
+and a decorator) every such call computes dilated attention:
+
+- in eager mode the call runs the exact dilated op at once;
+- under ``torch.compile``/``torch.export`` the call is captured as the plain SDPA node followed
+  by an ``annotation`` node that holds the spec; the ``"dilated_compile"`` backend's rewrite pass
+  turns the pair into the dilated op (see ``dilated_compile.ops.annotation``).
+
+Both paths give the same numbers. Nothing is silently dropped: SDPA arguments the op cannot honour
+raise, attention entry points that bypass SDPA raise, and an unrewritten annotation raises when
+the graph runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .ops import annotation_op, dilated_attention_op
+from .ops._checks import check_attention_inputs
+from .spec import DilatedSpec
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_SDPA_PARAMETERS = (
+    "query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
+)
+
+# Attention paths that never reach F.scaled_dot_product_attention inside this mode (the mode is
+# suspended while a Python-level torch function runs), so they would silently stay dense.
+_BYPASSING_ATTENTION = {
+    F.multi_head_attention_forward: "F.multi_head_attention_forward (nn.MultiheadAttention)",
+    torch._native_multi_head_attention: "torch._native_multi_head_attention (nn.MultiheadAttention)",
+}
+
+
+def resolve_spec(
+    spec: DilatedSpec | None,
+    segment_lengths: Sequence[int] | None,
+    dilation_rates: Sequence[int] | None,
+    mode: str,
+) -> DilatedSpec:
+    """A ``DilatedSpec`` from either a spec or its fields (not both)."""
+    if spec is not None:
+        if segment_lengths is not None or dilation_rates is not None:
+            raise TypeError(
+                "pass either spec or segment_lengths/dilation_rates, not both; got spec "
+                f"{spec!r} and segment_lengths={segment_lengths!r}, dilation_rates={dilation_rates!r}"
+            )
+        if not isinstance(spec, DilatedSpec):
+            raise TypeError(f"spec must be a DilatedSpec, got {type(spec).__name__}: {spec!r}")
+        return spec
+    if segment_lengths is None or dilation_rates is None:
+        raise TypeError(
+            "dilated attention needs a pattern: pass spec=DilatedSpec(...) or both "
+            "segment_lengths=... and dilation_rates=..."
+        )
+    return DilatedSpec(segment_lengths, dilation_rates, mode)
+
+
+def _bind_sdpa_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    if len(args) > 6:  # scale and enable_gqa are keyword-only
+        raise TypeError(
+            f"scaled_dot_product_attention takes at most 6 positional arguments, got {len(args)}"
+        )
+    bound = dict(zip(_SDPA_PARAMETERS, args))
+    for name, value in kwargs.items():
+        if name not in _SDPA_PARAMETERS:
+            raise TypeError(f"scaled_dot_product_attention got an unexpected argument {name!r}")
+        if name in bound:
+            raise TypeError(f"scaled_dot_product_attention got multiple values for {name!r}")
+        bound[name] = value
+    for name in ("query", "key", "value"):
+        if name not in bound:
+            raise TypeError(f"scaled_dot_product_attention is missing the argument {name!r}")
+    return bound
+
+
+def check_unsupported_sdpa_arguments(spec: DilatedSpec, attn_mask: Any, dropout_p: Any) -> None:
+    """Raise for SDPA arguments the dilated op cannot honour (they would otherwise be ignored)."""
+    if attn_mask is not None:
+        raise NotImplementedError(
+            f"attn_mask is not supported inside dilated({spec}): dilated attention defines its "
+            "own sparsity pattern. Use is_causal=True for causal masking, or call SDPA outside "
+            "the dilated(...) region for a dense masked attention."
+        )
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"dropout_p={dropout_p} is not supported inside dilated({spec}): pass dropout_p=0.0 "
+            "(for modules, call model.eval() or set their attention dropout to 0)."
+        )
+
+
+def check_sdpa_arguments(spec: DilatedSpec, arguments: dict[str, Any]) -> None:
+    """Raise for SDPA arguments of a call inside ``dilated(spec)`` that cannot be honoured."""
+    check_unsupported_sdpa_arguments(
+        spec, arguments.get("attn_mask"), arguments.get("dropout_p", 0.0)
+    )
+    query, key, value = arguments["query"], arguments["key"], arguments["value"]
+    check_attention_inputs(query, key, value, enable_gqa=bool(arguments.get("enable_gqa", False)))
+    spec.check_num_heads(query.shape[1])
+
+
+def annotated_sdpa(spec: DilatedSpec, payload: str, arguments: dict[str, Any]) -> torch.Tensor:
+    """One SDPA call inside ``dilated(spec)``: dilated attention now, or its annotated capture."""
+    check_sdpa_arguments(spec, arguments)
+    query, key, value = arguments["query"], arguments["key"], arguments["value"]
+    is_causal = bool(arguments.get("is_causal", False))
+    scale = arguments.get("scale")
+    if torch.compiler.is_compiling():
+        # Disabled torch functions: an enclosing dilated(...) must not re-annotate this call,
+        # so the innermost annotation wins, as it does in eager mode.
+        with torch._C.DisableTorchFunction():
+            sdpa_out = F.scaled_dot_product_attention(
+                query, key, value, dropout_p=0.0, is_causal=is_causal, scale=scale,
+                enable_gqa=bool(arguments.get("enable_gqa", False)),
+            )
+            return annotation_op(sdpa_out, payload)
+    out, _ = dilated_attention_op(
+        query, key, value, list(spec.segment_lengths), list(spec.dilation_rates), spec.mode,
+        is_causal, scale,
+    )
+    return out
+
+
+class dilated(TorchFunctionMode):
+    """Compute dilated attention for every ``F.scaled_dot_product_attention`` call inside.
+
+    A context manager and a decorator. Give either a ``DilatedSpec`` or its fields.
+
+    Args:
+        spec: the pattern; or
+        segment_lengths, dilation_rates, mode: the fields of a ``DilatedSpec``.
+
+    Inside the region, SDPA calls take the usual ``[B, H, N, D]`` tensors (query and key/value
+    of one length N; ``enable_gqa=True`` for fewer key/value heads), honour ``is_causal`` and
+    ``scale``, and raise ``NotImplementedError`` for ``attn_mask`` and ``dropout_p > 0``. Regions
+    nest; the innermost wins. Eager mode and ``torch.compile(backend="dilated_compile")`` give
+    the same numbers. A graph break inside a region keeps the annotation (the pieces on both
+    sides are still rewritten) and warns with the break's location.
+
+    Example::
+
+        >>> import torch, torch.nn.functional as F
+        >>> from dilated_compile import dilated
+        >>> q = k = v = torch.randn(1, 4, 96, 16)
+        >>> with dilated(segment_lengths=(32, 64), dilation_rates=(1, 2)):
+        ...     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        >>> @dilated(segment_lengths=(32, 64), dilation_rates=(1, 2))
+        ... def attend(q, k, v):
+        ...     return F.scaled_dot_product_attention(q, k, v)
+    """
+
+    def __init__(
+        self,
+        spec: DilatedSpec | None = None,
+        *,
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
+        mode: str = "mixture",
+    ) -> None:
+        super().__init__()
+        self.spec = resolve_spec(spec, segment_lengths, dilation_rates, mode)
+        self.payload = self.spec.to_json()
+
+    def __repr__(self) -> str:
+        return f"dilated({self.spec})"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return annotated_sdpa(self.spec, self.payload, _bind_sdpa_arguments(args, kwargs))
+        if func in _BYPASSING_ATTENTION:
+            raise NotImplementedError(
+                f"{_BYPASSING_ATTENTION[func]} does not go through F.scaled_dot_product_attention, "
+                f"so it cannot honour {self!r}. Call F.scaled_dot_product_attention directly "
+                "inside the region (or use it outside the region for dense attention)."
+            )
+        return func(*args, **kwargs)
+
+    def __call__(self, fn: _F) -> _F:
+        if not callable(fn):
+            raise TypeError(f"dilated(...) decorates a function, got {type(fn).__name__}")
+        spec = self.spec
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            # A fresh mode per call: a mode instance cannot be on the stack twice (recursion).
+            with dilated(spec):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]

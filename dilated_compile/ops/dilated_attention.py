@@ -1,0 +1,260 @@
+"""``torch.ops.dilated_compile.dilated_attention`` and its backward: registration, fake kernels,
+autograd, and the exact PyTorch implementation.
+
+Semantics (``shared`` DESIGN contract): with c[p, t] the number of configs under which query p
+attends key t,
+
+    out_p = sum_t c[p,t] exp(s_pt) v_t / sum_t c[p,t] exp(s_pt),   lse_p = log sum_t c[p,t] exp(s_pt)
+
+which is LongNet's merge of per-config attention by softmax denominators. The implementation
+below computes it that way: for each (config, offset) it attends over the dilated rows of each
+segment (a strided view, cost O(N * w / r^2) per head slice, no N x N tensor), and merges the
+result into a running output by log-sum-exp. The backward is FlashAttention-2 style: with the
+*final* lse and Delta = rowsum(dO * O), each config's share of the gradient is independent, so
+the configs are walked again and their dq/dk/dv summed.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._checks import check_attention_inputs, check_pattern
+from ._pattern import dilated_view, head_parts, kv_head_index, segment_blocks
+
+# Scores of one chunk of segments stay below this many elements (64 MiB in float32), so
+# memory stays linear in N whatever the segment length.
+_MAX_SCORE_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision inputs are accumulated in float32, as FlashAttention does; float64 stays
+    # float64 so the exact path can be checked exactly.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _check_op_args(q, k, v, segment_lengths, dilation_rates, mode) -> None:
+    check_attention_inputs(q, k, v)
+    check_pattern(segment_lengths, dilation_rates, mode)
+    if mode == "head_groups" and q.shape[1] < len(segment_lengths):
+        raise ValueError(
+            f"mode='head_groups' needs at least one query head per config: got {q.shape[1]} "
+            f"heads for {len(segment_lengths)} configs"
+        )
+
+
+class _Tile:
+    """One (config, offset) head slice over one block of segments: views of the inputs and
+    of the per-row buffers at the dilated rows, chunked over segments to bound memory."""
+
+    def __init__(self, q, k, v, part, block):
+        self.q, self.k, self.v = q, k, v
+        self.part, self.block = part, block
+        self.kv_heads = kv_head_index(part.heads, q.shape[1], k.shape[1])
+        self.rows = len(range(part.offset, block.segment_length, part.dilation_rate))
+
+    def view(self, x: Tensor, kv: bool = False) -> Tensor:
+        if not kv:
+            heads = self.part.heads
+        elif isinstance(self.kv_heads, slice):
+            heads = self.kv_heads
+        else:  # GQA: view every kv head; kv_chunk/add_kv pick them per query head
+            heads = slice(None)
+        return dilated_view(x, heads, self.block, self.part.offset, self.part.dilation_rate)
+
+    def kv_chunk(self, x: Tensor, segments: slice) -> Tensor:
+        chunk = self.view(x, kv=True)[:, :, segments]
+        if isinstance(self.kv_heads, slice):
+            return chunk
+        return chunk.index_select(1, self.kv_heads.to(x.device))
+
+    def add_kv(self, acc: Tensor, segments: slice, value: Tensor) -> None:
+        """acc[kv heads of this slice, rows] += value, summing query heads that share a kv head."""
+        target = self.view(acc, kv=True)[:, :, segments]
+        if isinstance(self.kv_heads, slice):
+            target.add_(value)
+        else:
+            target.index_add_(1, self.kv_heads.to(acc.device), value)
+
+    def chunks(self) -> Iterator[slice]:
+        heads = len(range(*self.part.heads.indices(self.q.shape[1])))
+        per_segment = max(1, self.q.shape[0] * heads * self.rows * self.rows)
+        step = max(1, _MAX_SCORE_ELEMENTS // per_segment)
+        for start in range(0, self.block.num_segments, step):
+            yield slice(start, min(start + step, self.block.num_segments))
+
+
+def _tiles(q, k, v, segment_lengths, dilation_rates, mode) -> Iterator[_Tile]:
+    seq_len = q.shape[2]
+    for part in head_parts(segment_lengths, dilation_rates, mode, q.shape[1]):
+        for block in segment_blocks(part.segment_length, seq_len):
+            if part.offset < block.segment_length:  # else this offset has no row here
+                yield _Tile(q, k, v, part, block)
+
+
+def _scores(qc: Tensor, kc: Tensor, scale: float, is_causal: bool) -> Tensor:
+    s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale)
+    if is_causal:
+        # Rows of one offset keep their order, so position order is dilated-index order.
+        rows = s.shape[-1]
+        future = torch.ones(rows, rows, dtype=torch.bool, device=s.device).triu_(1)
+        s.masked_fill_(future, float("-inf"))
+    return s
+
+
+def dilated_attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mode: str,
+    is_causal: bool,
+    scale: Optional[float],
+) -> tuple[Tensor, Tensor]:
+    """Exact dilated attention in PyTorch. Shapes: q [B, Hq, N, D], k [B, Hkv, N, D],
+    v [B, Hkv, N, Dv] -> out [B, Hq, N, Dv] (q.dtype), lse [B, Hq, N] (float32/float64)."""
+    _check_op_args(q, k, v, segment_lengths, dilation_rates, mode)
+    batch, q_heads, seq_len, head_dim = q.shape
+    cdtype = _compute_dtype(q.dtype)
+    scale = _resolve_scale(scale, head_dim)
+    out = torch.zeros(batch, q_heads, seq_len, v.shape[-1], dtype=cdtype, device=q.device)
+    lse = torch.full((batch, q_heads, seq_len), float("-inf"), dtype=cdtype, device=q.device)
+    for tile in _tiles(q, k, v, segment_lengths, dilation_rates, mode):
+        q_rows, out_rows, lse_rows = tile.view(q), tile.view(out), tile.view(lse)
+        for seg in tile.chunks():
+            s = _scores(q_rows[:, :, seg].to(cdtype), tile.kv_chunk(k, seg).to(cdtype), scale, is_causal)
+            chunk_lse = torch.logsumexp(s, dim=-1)  # finite: every row attends at least itself
+            chunk_out = torch.matmul(torch.exp(s - chunk_lse.unsqueeze(-1)), tile.kv_chunk(v, seg).to(cdtype))
+            # Merge with what earlier configs gave these rows (log-sum-exp, LongNet eq. 10).
+            old_lse = lse_rows[:, :, seg]
+            new_lse = torch.logaddexp(old_lse, chunk_lse)
+            acc = out_rows[:, :, seg]
+            acc.mul_(torch.exp(old_lse - new_lse).unsqueeze(-1))
+            acc.add_(chunk_out * torch.exp(chunk_lse - new_lse).unsqueeze(-1))
+            old_lse.copy_(new_lse)
+    return out.to(q.dtype), lse
+
+
+def dilated_attention_backward_impl(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_lse: Optional[Tensor],
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mode: str,
+    is_causal: bool,
+    scale: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``dilated_attention_forward`` w.r.t. q, k, v given dL/dout and dL/dlse."""
+    _check_op_args(q, k, v, segment_lengths, dilation_rates, mode)
+    cdtype = _compute_dtype(q.dtype)
+    scale = _resolve_scale(scale, q.shape[-1])
+    # dS = P * (dP - Delta + dL/dlse), since d lse / d s = P; fold dL/dlse into Delta.
+    delta = (grad_out.to(cdtype) * out.to(cdtype)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(cdtype)
+    dq = torch.zeros(q.shape, dtype=cdtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cdtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cdtype, device=q.device)
+    for tile in _tiles(q, k, v, segment_lengths, dilation_rates, mode):
+        q_rows, do_rows, dq_rows = tile.view(q), tile.view(grad_out), tile.view(dq)
+        lse_rows, delta_rows = tile.view(lse), tile.view(delta)
+        for seg in tile.chunks():
+            qc = q_rows[:, :, seg].to(cdtype)
+            kc = tile.kv_chunk(k, seg).to(cdtype)
+            vc = tile.kv_chunk(v, seg).to(cdtype)
+            doc = do_rows[:, :, seg].to(cdtype)
+            # This config's share of the merged probabilities (masked scores give exp(-inf) = 0).
+            p = torch.exp(_scores(qc, kc, scale, is_causal) - lse_rows[:, :, seg].unsqueeze(-1))
+            tile.add_kv(dv, seg, torch.matmul(p.transpose(-1, -2), doc))
+            ds = p * (torch.matmul(doc, vc.transpose(-1, -2)) - delta_rows[:, :, seg].unsqueeze(-1))
+            ds.mul_(scale)
+            dq_rows[:, :, seg].add_(torch.matmul(ds, kc))
+            tile.add_kv(dk, seg, torch.matmul(ds.transpose(-1, -2), qc))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --- registration ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dilated_compile::dilated_attention", mutates_args=())
+def _dilated_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mode: str,
+    is_causal: bool,
+    scale: Optional[float],
+) -> tuple[Tensor, Tensor]:
+    return dilated_attention_forward(
+        q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale
+    )
+
+
+@_dilated_attention_op.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale):
+    _check_op_args(q, k, v, segment_lengths, dilation_rates, mode)
+    batch, q_heads, seq_len, _ = q.shape
+    out = q.new_empty(batch, q_heads, seq_len, v.shape[-1])
+    lse = q.new_empty(batch, q_heads, seq_len, dtype=_compute_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("dilated_compile::dilated_attention_backward", mutates_args=())
+def _dilated_attention_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_lse: Optional[Tensor],
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mode: str,
+    is_causal: bool,
+    scale: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    return dilated_attention_backward_impl(
+        grad_out, q, k, v, out, lse, grad_lse,
+        segment_lengths, dilation_rates, mode, is_causal, scale,
+    )
+
+
+@_dilated_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_rates, mode, is_causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.pattern = (list(segment_lengths), list(dilation_rates), mode, is_causal, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = dilated_attention_backward_op(grad_out, q, k, v, out, lse, grad_lse, *ctx.pattern)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_dilated_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+dilated_attention_op = torch.ops.dilated_compile.dilated_attention.default
+dilated_attention_backward_op = torch.ops.dilated_compile.dilated_attention_backward.default

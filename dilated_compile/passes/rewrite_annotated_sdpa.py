@@ -1,0 +1,137 @@
+"""Rewrite annotated SDPA calls into the dilated-attention op.
+
+Finds ``annotation(scaled_dot_product_attention(q, k, v, ...), payload)`` pairs (what
+``dilated(...)`` leaves in a captured graph) and replaces each pair with
+``dilated_attention(q, k, v, ...)[0]``. SDPA calls without an annotation are left alone. Works on
+Dynamo graphs (``F.scaled_dot_product_attention`` targets) and on aten-level graphs
+(``aten.scaled_dot_product_attention``, as in ``torch.export``). Running it twice changes nothing.
+
+Each rewrite is counted in ``torch._dynamo.utils.counters["dilated_compile"]["sdpa_rewritten"]``
+and recorded in ``gm.meta["dilated_compile.rewrites"]`` (a list of ``Rewrite``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import os
+import re
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from ..annotation import check_unsupported_sdpa_arguments
+from ..ops import annotation_op, dilated_attention_op
+from ..spec import DilatedSpec
+
+SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+REWRITES_META_KEY = "dilated_compile.rewrites"
+
+_SDPA_PARAMETERS = (
+    "query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
+)
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                  "enable_gqa": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """One rewritten call: the SDPA node's name in the graph before, the op it became, the spec,
+    and where the call is in the user's code (``file.py:line in function``, when known)."""
+
+    node: str
+    op: str
+    spec: DilatedSpec
+    source: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.source} ({self.node})" if self.source else self.node
+        return f"{where}: scaled_dot_product_attention -> {self.op} {self.spec}"
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_source(node: torch.fx.Node) -> str:
+    """The innermost frame of the node's stack trace outside this package."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', node.meta.get("stack_trace") or "")
+    for filename, line, function in reversed(frames):
+        if not os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+            return f"{os.path.basename(filename)}:{line} in {function}"
+    return ""
+
+
+def _sdpa_arguments(node: torch.fx.Node) -> dict[str, Any]:
+    arguments = dict(_SDPA_DEFAULTS)
+    arguments.update(zip(_SDPA_PARAMETERS, node.args))
+    arguments.update(node.kwargs)
+    return arguments
+
+
+def _check(sdpa: torch.fx.Node, spec: DilatedSpec, arguments: dict[str, Any]) -> None:
+    # Tensor shapes were checked when the call was captured and are checked again by the op's
+    # fake kernel; here: what the op cannot honour, and scalars the op needs as constants.
+    check_unsupported_sdpa_arguments(spec, arguments["attn_mask"], arguments["dropout_p"])
+    for name in ("is_causal", "scale", "enable_gqa"):
+        if isinstance(arguments[name], torch.fx.Node):
+            raise ValueError(
+                f"cannot rewrite {sdpa.name}: its {name} is computed in the graph "
+                f"({arguments[name].name}); the dilated op needs it as a constant"
+            )
+
+
+def rewrite_annotated_sdpa(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Replace every annotated SDPA pair in ``gm`` with the dilated op (in place; returns gm)."""
+    graph = gm.graph
+    rewrites = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not annotation_op:
+            continue
+        sdpa, payload = node.args
+        spec = DilatedSpec.from_json(payload)
+        if not (isinstance(sdpa, torch.fx.Node) and sdpa.op == "call_function"
+                and sdpa.target in SDPA_TARGETS):
+            raise ValueError(
+                f"annotation node {node.name} marks {sdpa}, which is not a "
+                "scaled_dot_product_attention call; only SDPA calls can be annotated"
+            )
+        arguments = _sdpa_arguments(sdpa)
+        _check(sdpa, spec, arguments)
+        with graph.inserting_before(node):
+            op_node = graph.call_function(
+                dilated_attention_op,
+                (arguments["query"], arguments["key"], arguments["value"],
+                 list(spec.segment_lengths), list(spec.dilation_rates), spec.mode,
+                 bool(arguments["is_causal"]), arguments["scale"]),
+            )
+            out_node = graph.call_function(operator.getitem, (op_node, 0))
+        _copy_meta(sdpa, op_node, out_node)
+        node.replace_all_uses_with(out_node)
+        graph.erase_node(node)
+        if not sdpa.users:
+            graph.erase_node(sdpa)
+        rewrites.append(
+            Rewrite(sdpa.name, "dilated_compile.dilated_attention", spec, _user_source(sdpa))
+        )
+        counters["dilated_compile"]["sdpa_rewritten"] += 1
+    if rewrites:
+        graph.lint()
+        gm.recompile()
+    gm.meta.setdefault(REWRITES_META_KEY, []).extend(rewrites)
+    return gm
+
+
+def _copy_meta(sdpa: torch.fx.Node, op_node: torch.fx.Node, out_node: torch.fx.Node) -> None:
+    """Keep source locations and module stacks; give the new nodes example values."""
+    for key, value in sdpa.meta.items():
+        if key not in ("val", "example_value", "tensor_meta"):
+            op_node.meta[key] = value
+    out_node.meta.update(sdpa.meta)
+    for key in ("val", "example_value"):
+        out = sdpa.meta.get(key)
+        if isinstance(out, torch.Tensor):
+            lse_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+            op_node.meta[key] = (out, out.new_empty(out.shape[:-1], dtype=lse_dtype))

@@ -1,0 +1,229 @@
+"""Float64 dense reference for dilated attention.
+
+Everything here is written directly from the definition of dilated attention (LongNet, Ding et
+al., 2023) and shares no code with the ops in ``dilated_compile.ops``: it materialises the full
+``[N, N]`` count matrix, so it is meant for checking results on short sequences (a few hundred
+positions), not for running models.
+
+Definition. For a config ``(w_i, r_i)`` on a sequence of length ``N``: ``w = min(w_i, N)``; the
+segments are ``[s*w, min((s+1)*w, N))`` (the last one may be shorter); the local index of
+position ``p`` is ``p mod w``. Query ``p`` attends key ``t`` under the config, for a head whose
+offset is ``o``, iff ``p // w == t // w``, ``(p mod w) mod r_i == o``, ``(t mod w) mod r_i == o``
+and, when causal, ``t <= p``. Head offsets depend on the spec's mode:
+
+* ``"mixture"``: every head uses every config; head ``h`` uses offset ``h mod r_i``.
+* ``"head_groups"``: the heads are split into ``G = len(configs)`` contiguous groups, the first
+  ``H mod G`` groups one head larger; group ``g`` uses config ``g`` only, with offset
+  ``g mod r_g``.
+
+With ``c[h, p, t]`` the number of configs under which ``p`` attends ``t`` for head ``h`` and
+``s_pt = scale * q_p . k_t``::
+
+    out_p = sum_t c[p, t] exp(s_pt) v_t / sum_t c[p, t] exp(s_pt)
+    lse_p = log sum_t c[p, t] exp(s_pt)
+
+A row with no key (``c[p, :] == 0``) has ``out_p = 0`` and ``lse_p = -inf``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dilated_compile.spec import DilatedSpec
+
+__all__ = ["count_matrix", "dense_reference"]
+
+
+def _head_configs(spec: DilatedSpec, num_heads: int) -> list[list[tuple[int, int, int]]]:
+    """For each head, the ``(segment_length, dilation_rate, offset)`` triples it uses."""
+    if spec.mode == "mixture":
+        return [[(w, r, h % r) for w, r in spec.configs] for h in range(num_heads)]
+    # head_groups: G contiguous groups, the first (H mod G) of them one head larger.
+    num_groups = spec.num_configs
+    base, extra = divmod(num_heads, num_groups)
+    heads: list[list[tuple[int, int, int]]] = []
+    for g, (w, r) in enumerate(spec.configs):
+        group_size = base + (1 if g < extra else 0)
+        heads.extend([[(w, r, g % r)] for _ in range(group_size)])
+    return heads
+
+
+def count_matrix(
+    spec: DilatedSpec, seq_len: int, num_heads: int, *, is_causal: bool = False
+) -> torch.Tensor:
+    """How many configs of ``spec`` let each query attend each key.
+
+    Args:
+        spec: the dilated-attention pattern.
+        seq_len: the sequence length ``N`` (``>= 0``).
+        num_heads: the number of query heads ``H`` (``>= 1``; ``mode="head_groups"`` needs
+            ``H >= len(spec.configs)``).
+        is_causal: when True, query ``p`` only attends keys ``t <= p``.
+
+    Returns:
+        ``torch.LongTensor`` of shape ``[H, N, N]`` (on the CPU): ``c[h, p, t]`` is the number of
+        configs under which query ``p`` attends key ``t`` for head ``h``.
+
+    Raises:
+        ValueError: when ``spec`` is not a ``DilatedSpec``, ``seq_len`` is negative,
+            ``num_heads`` is not positive, or ``head_groups`` has fewer heads than configs.
+
+    Example::
+
+        >>> spec = DilatedSpec(segment_lengths=(4,), dilation_rates=(2,))
+        >>> count_matrix(spec, 4, num_heads=2)[1]
+        tensor([[0, 0, 0, 0],
+                [0, 1, 0, 1],
+                [0, 0, 0, 0],
+                [0, 1, 0, 1]])
+    """
+    if not isinstance(spec, DilatedSpec):
+        raise ValueError(f"count_matrix: spec must be a DilatedSpec, got {spec!r}")
+    if seq_len < 0:
+        raise ValueError(f"count_matrix: seq_len must be >= 0, got {seq_len}")
+    if num_heads < 1:
+        raise ValueError(f"count_matrix: num_heads must be >= 1, got {num_heads}")
+    spec.check_num_heads(num_heads)
+
+    n = int(seq_len)
+    counts = torch.zeros(num_heads, n, n, dtype=torch.long)
+    if n == 0:
+        return counts
+    p = torch.arange(n).view(n, 1)  # query positions, down the rows
+    t = torch.arange(n).view(1, n)  # key positions, along the columns
+    for h, configs in enumerate(_head_configs(spec, num_heads)):
+        for segment_length, rate, offset in configs:
+            w = min(segment_length, n)
+            same_segment = (p // w) == (t // w)
+            query_on = ((p % w) % rate) == offset
+            key_on = ((t % w) % rate) == offset
+            attends = same_segment & query_on & key_on
+            if is_causal:
+                attends = attends & (t <= p)
+            counts[h] += attends.long()
+    return counts
+
+
+def dense_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: DilatedSpec,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Dilated attention computed densely in float64, straight from the definition.
+
+    Args:
+        q: ``[B, Hq, N, D]`` queries.
+        k: ``[B, Hkv, N, D]`` keys.
+        v: ``[B, Hkv, N, Dv]`` values.
+        spec: the dilated-attention pattern.
+        is_causal: when True, query ``p`` only attends keys ``t <= p``.
+        scale: the softmax scale; ``None`` means ``1 / sqrt(D)``.
+        enable_gqa: allow ``Hq != Hkv`` (grouped-query attention, as in
+            ``torch.nn.functional.scaled_dot_product_attention``): ``Hq`` must be a multiple of
+            ``Hkv`` and query head ``h`` uses kv head ``h // (Hq // Hkv)``.
+        return_lse: also return the log-sum-exp of each row.
+
+    Returns:
+        ``out``: ``[B, Hq, N, Dv]`` float64, with
+        ``out_p = sum_t c[p,t] exp(s_pt) v_t / sum_t c[p,t] exp(s_pt)`` where ``c`` is
+        :func:`count_matrix` and ``s_pt = scale * q_p . k_t``. With ``return_lse=True``, the pair
+        ``(out, lse)``, ``lse`` of shape ``[B, Hq, N]`` float64,
+        ``lse_p = log sum_t c[p,t] exp(s_pt)``. Rows with no key give ``out_p = 0`` and
+        ``lse_p = -inf``.
+
+    The result is differentiable with respect to ``q``, ``k`` and ``v`` (also through ``lse``);
+    rows with no key contribute exactly zero gradient and never produce NaN.
+
+    Raises:
+        ValueError: on mismatched shapes, ``Hq != Hkv`` without ``enable_gqa``, ``Hq`` not a
+            multiple of ``Hkv``, or ``head_groups`` with fewer query heads than configs.
+
+    Example::
+
+        >>> spec = DilatedSpec(segment_lengths=(4, 8), dilation_rates=(1, 2))
+        >>> q = torch.randn(2, 4, 10, 16)
+        >>> k, v = torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 32)
+        >>> out, lse = dense_reference(q, k, v, spec, enable_gqa=True, return_lse=True)
+        >>> out.shape, out.dtype, lse.shape
+        (torch.Size([2, 4, 10, 32]), torch.float64, torch.Size([2, 4, 10]))
+    """
+    if not isinstance(spec, DilatedSpec):
+        raise ValueError(f"dense_reference: spec must be a DilatedSpec, got {spec!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(
+                f"dense_reference: {name} must have shape [B, H, N, D], got {tuple(x.shape)}"
+            )
+    batch, q_heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if k.shape[0] != batch or k.shape[2] != seq_len or k.shape[3] != head_dim:
+        raise ValueError(
+            f"dense_reference: k must have shape [{batch}, Hkv, {seq_len}, {head_dim}] to match "
+            f"q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise ValueError(
+            f"dense_reference: v must have shape {tuple(k.shape[:3])} + [Dv] to match k, "
+            f"got {tuple(v.shape)}"
+        )
+    if kv_heads < 1 or q_heads % kv_heads != 0:
+        raise ValueError(
+            f"dense_reference: the query heads ({q_heads}) must be a multiple of the kv heads "
+            f"({kv_heads})"
+        )
+    if q_heads != kv_heads and not enable_gqa:
+        raise ValueError(
+            f"dense_reference: q has {q_heads} heads but k/v have {kv_heads}; pass "
+            "enable_gqa=True for grouped-query attention"
+        )
+    spec.check_num_heads(q_heads)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+
+    f64 = torch.float64
+    q64, k64, v64 = q.to(f64), k.to(f64), v.to(f64)
+    group = q_heads // kv_heads
+    if group > 1:
+        # Query head h reads kv head h // group.
+        k64 = k64.repeat_interleave(group, dim=1)
+        v64 = v64.repeat_interleave(group, dim=1)
+    value_dim = v64.shape[-1]
+
+    if seq_len == 0:
+        # Nothing to attend; keep the (empty) result connected to the inputs for autograd.
+        anchor = (q64.sum() + k64.sum() + v64.sum()) * 0.0
+        out = anchor + q64.new_zeros(batch, q_heads, 0, value_dim)
+        lse = anchor + q64.new_zeros(batch, q_heads, 0)
+        return (out, lse) if return_lse else out
+
+    counts = count_matrix(spec, seq_len, q_heads, is_causal=is_causal).to(q.device)
+    attends = counts > 0  # [Hq, N, N], broadcasts over the batch
+    log_counts = torch.where(attends, counts.to(f64).clamp_min(1).log(), -math.inf)
+
+    scores = scale * torch.matmul(q64, k64.transpose(-2, -1))  # [B, Hq, N, N]
+    # log(c) folds the multiplicity into the exponent: c * exp(s) = exp(s + log c).
+    # torch.where (not addition of -inf) keeps masked scores out of the gradient.
+    logits = torch.where(attends, scores + log_counts, -math.inf)
+
+    # Guarded softmax: subtract a finite row maximum (0 for empty rows) so exp never sees
+    # -inf - (-inf); empty rows then have all-zero weights and a zero denominator.
+    row_max = logits.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(logits - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    nonempty = denom > 0
+    safe_denom = torch.where(nonempty, denom, torch.ones_like(denom))
+
+    out = torch.matmul(weights, v64) / safe_denom  # empty rows: 0 / 1 = 0
+    if not return_lse:
+        return out
+    lse = torch.where(nonempty, safe_denom.log() + row_max, -math.inf).squeeze(-1)
+    return out, lse

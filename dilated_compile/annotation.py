@@ -29,9 +29,11 @@ from .spec import DilatedSpec
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-_SDPA_PARAMETERS = (
-    "query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
-)
+# F.scaled_dot_product_attention's parameters and defaults (scale and enable_gqa keyword-only).
+SDPA_DEFAULTS = {
+    "attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False,
+}
+_SDPA_POSITIONAL = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
 # Attention paths that never reach F.scaled_dot_product_attention inside this mode (the mode is
 # suspended while a Python-level torch function runs), so they would silently stay dense.
@@ -65,14 +67,15 @@ def resolve_spec(
     return DilatedSpec(segment_lengths, dilation_rates, mode)
 
 
-def _bind_sdpa_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
-    if len(args) > 6:  # scale and enable_gqa are keyword-only
+def bind_sdpa_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """An SDPA call's arguments by name, defaults filled in (for calls and for FX nodes)."""
+    if len(args) > len(_SDPA_POSITIONAL):
         raise TypeError(
             f"scaled_dot_product_attention takes at most 6 positional arguments, got {len(args)}"
         )
-    bound = dict(zip(_SDPA_PARAMETERS, args))
+    bound = dict(zip(_SDPA_POSITIONAL, args))
     for name, value in kwargs.items():
-        if name not in _SDPA_PARAMETERS:
+        if name not in _SDPA_POSITIONAL and name not in SDPA_DEFAULTS:
             raise TypeError(f"scaled_dot_product_attention got an unexpected argument {name!r}")
         if name in bound:
             raise TypeError(f"scaled_dot_product_attention got multiple values for {name!r}")
@@ -80,7 +83,7 @@ def _bind_sdpa_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
     for name in ("query", "key", "value"):
         if name not in bound:
             raise TypeError(f"scaled_dot_product_attention is missing the argument {name!r}")
-    return bound
+    return {**SDPA_DEFAULTS, **bound}
 
 
 def check_unsupported_sdpa_arguments(spec: DilatedSpec, attn_mask: Any, dropout_p: Any) -> None:
@@ -100,11 +103,9 @@ def check_unsupported_sdpa_arguments(spec: DilatedSpec, attn_mask: Any, dropout_
 
 def check_sdpa_arguments(spec: DilatedSpec, arguments: dict[str, Any]) -> None:
     """Raise for SDPA arguments of a call inside ``dilated(spec)`` that cannot be honoured."""
-    check_unsupported_sdpa_arguments(
-        spec, arguments.get("attn_mask"), arguments.get("dropout_p", 0.0)
-    )
+    check_unsupported_sdpa_arguments(spec, arguments["attn_mask"], arguments["dropout_p"])
     query, key, value = arguments["query"], arguments["key"], arguments["value"]
-    check_attention_inputs(query, key, value, enable_gqa=bool(arguments.get("enable_gqa", False)))
+    check_attention_inputs(query, key, value, enable_gqa=bool(arguments["enable_gqa"]))
     spec.check_num_heads(query.shape[1])
 
 
@@ -112,15 +113,14 @@ def annotated_sdpa(spec: DilatedSpec, payload: str, arguments: dict[str, Any]) -
     """One SDPA call inside ``dilated(spec)``: dilated attention now, or its annotated capture."""
     check_sdpa_arguments(spec, arguments)
     query, key, value = arguments["query"], arguments["key"], arguments["value"]
-    is_causal = bool(arguments.get("is_causal", False))
-    scale = arguments.get("scale")
+    is_causal, scale = bool(arguments["is_causal"]), arguments["scale"]
     if torch.compiler.is_compiling():
         # Disabled torch functions: an enclosing dilated(...) must not re-annotate this call,
         # so the innermost annotation wins, as it does in eager mode.
         with torch._C.DisableTorchFunction():
             sdpa_out = F.scaled_dot_product_attention(
                 query, key, value, dropout_p=0.0, is_causal=is_causal, scale=scale,
-                enable_gqa=bool(arguments.get("enable_gqa", False)),
+                enable_gqa=bool(arguments["enable_gqa"]),
             )
             return annotation_op(sdpa_out, payload)
     out, _ = dilated_attention_op(
@@ -176,7 +176,7 @@ class dilated(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return annotated_sdpa(self.spec, self.payload, _bind_sdpa_arguments(args, kwargs))
+            return annotated_sdpa(self.spec, self.payload, bind_sdpa_arguments(args, kwargs))
         if func in _BYPASSING_ATTENTION:
             raise NotImplementedError(
                 f"{_BYPASSING_ATTENTION[func]} does not go through F.scaled_dot_product_attention, "

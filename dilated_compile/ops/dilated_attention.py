@@ -108,6 +108,7 @@ def _scores(qc: Tensor, kc: Tensor, scale: float, is_causal: bool) -> Tensor:
     return s
 
 
+@torch.library.custom_op("dilated_compile::dilated_attention", mutates_args=())
 def dilated_attention_forward(
     q: Tensor,
     k: Tensor,
@@ -118,8 +119,9 @@ def dilated_attention_forward(
     is_causal: bool,
     scale: Optional[float],
 ) -> tuple[Tensor, Tensor]:
-    """Exact dilated attention in PyTorch. Shapes: q [B, Hq, N, D], k [B, Hkv, N, D],
-    v [B, Hkv, N, Dv] -> out [B, Hq, N, Dv] (q.dtype), lse [B, Hq, N] (float32/float64)."""
+    """The op ``dilated_compile::dilated_attention``, implemented exactly in PyTorch (every
+    device). Shapes: q [B, Hq, N, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv] ->
+    out [B, Hq, N, Dv] (q.dtype), lse [B, Hq, N] (float32; float64 for float64 inputs)."""
     _check_op_args(q, k, v, segment_lengths, dilation_rates, mode)
     batch, q_heads, seq_len, head_dim = q.shape
     cdtype = _compute_dtype(q.dtype)
@@ -142,7 +144,8 @@ def dilated_attention_forward(
     return out.to(q.dtype), lse
 
 
-def dilated_attention_backward_impl(
+@torch.library.custom_op("dilated_compile::dilated_attention_backward", mutates_args=())
+def dilated_attention_backward(
     grad_out: Tensor,
     q: Tensor,
     k: Tensor,
@@ -156,7 +159,8 @@ def dilated_attention_backward_impl(
     is_causal: bool,
     scale: Optional[float],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``dilated_attention_forward`` w.r.t. q, k, v given dL/dout and dL/dlse."""
+    """The op ``dilated_compile::dilated_attention_backward``: dq, dk, dv given dL/dout and
+    dL/dlse (None when the lse is unused), the forward's inputs, ``out`` and ``lse``."""
     _check_op_args(q, k, v, segment_lengths, dilation_rates, mode)
     cdtype = _compute_dtype(q.dtype)
     scale = _resolve_scale(scale, q.shape[-1])
@@ -185,26 +189,10 @@ def dilated_attention_backward_impl(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-# --- registration ---------------------------------------------------------------------------
+# --- fake kernels and autograd --------------------------------------------------------------
 
 
-@torch.library.custom_op("dilated_compile::dilated_attention", mutates_args=())
-def _dilated_attention_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    mode: str,
-    is_causal: bool,
-    scale: Optional[float],
-) -> tuple[Tensor, Tensor]:
-    return dilated_attention_forward(
-        q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale
-    )
-
-
-@_dilated_attention_op.register_fake
+@dilated_attention_forward.register_fake
 def _(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale):
     _check_op_args(q, k, v, segment_lengths, dilation_rates, mode)
     batch, q_heads, seq_len, _ = q.shape
@@ -213,28 +201,7 @@ def _(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale):
     return out, lse
 
 
-@torch.library.custom_op("dilated_compile::dilated_attention_backward", mutates_args=())
-def _dilated_attention_backward_op(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    grad_lse: Optional[Tensor],
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    mode: str,
-    is_causal: bool,
-    scale: Optional[float],
-) -> tuple[Tensor, Tensor, Tensor]:
-    return dilated_attention_backward_impl(
-        grad_out, q, k, v, out, lse, grad_lse,
-        segment_lengths, dilation_rates, mode, is_causal, scale,
-    )
-
-
-@_dilated_attention_backward_op.register_fake
+@dilated_attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_rates, mode, is_causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -254,7 +221,7 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None, None, None
 
 
-_dilated_attention_op.register_autograd(_backward, setup_context=_setup_context)
+dilated_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 dilated_attention_op = torch.ops.dilated_compile.dilated_attention.default
 dilated_attention_backward_op = torch.ops.dilated_compile.dilated_attention_backward.default

@@ -23,19 +23,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from ..annotation import check_unsupported_sdpa_arguments
+from ..annotation import bind_sdpa_arguments, check_unsupported_sdpa_arguments
 from ..ops import annotation_op, dilated_attention_op
 from ..spec import DilatedSpec
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 REWRITES_META_KEY = "dilated_compile.rewrites"
-
-_SDPA_PARAMETERS = (
-    "query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
-)
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
-                  "enable_gqa": False}
-
 
 @dataclasses.dataclass(frozen=True)
 class Rewrite:
@@ -62,13 +55,6 @@ def _user_source(node: torch.fx.Node) -> str:
         if not os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
             return f"{os.path.basename(filename)}:{line} in {function}"
     return ""
-
-
-def _sdpa_arguments(node: torch.fx.Node) -> dict[str, Any]:
-    arguments = dict(_SDPA_DEFAULTS)
-    arguments.update(zip(_SDPA_PARAMETERS, node.args))
-    arguments.update(node.kwargs)
-    return arguments
 
 
 def _check(sdpa: torch.fx.Node, spec: DilatedSpec, arguments: dict[str, Any]) -> None:
@@ -98,7 +84,7 @@ def rewrite_annotated_sdpa(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 f"annotation node {node.name} marks {sdpa}, which is not a "
                 "scaled_dot_product_attention call; only SDPA calls can be annotated"
             )
-        arguments = _sdpa_arguments(sdpa)
+        arguments = bind_sdpa_arguments(sdpa.args, sdpa.kwargs)
         _check(sdpa, spec, arguments)
         with graph.inserting_before(node):
             op_node = graph.call_function(

@@ -14,6 +14,7 @@ result into a running output by log-sum-exp. The backward is FlashAttention-2 st
 the configs are walked again and their dq/dk/dv summed.
 """
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from typing import Optional
@@ -49,45 +50,67 @@ def _check_op_args(q, k, v, segment_lengths, dilation_rates, mode) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """Segments ``segments`` of a tile, query rows ``queries`` of each, against key rows
+    ``keys`` (the rows at or before the last query when causal, else all)."""
+
+    segments: slice
+    queries: slice
+    keys: slice
+
+
 class _Tile:
-    """One (config, offset) head slice over one block of segments: views of the inputs and
-    of the per-row buffers at the dilated rows, chunked over segments to bound memory."""
+    """One (config, offset) head slice over one block of segments: views of the inputs and of
+    the per-row buffers at the dilated rows, cut into chunks whose scores stay below
+    ``_MAX_SCORE_ELEMENTS`` (by segments, and by query rows when one segment is too large)."""
 
     def __init__(self, q, k, v, part, block):
         self.q, self.k, self.v = q, k, v
         self.part, self.block = part, block
         self.kv_heads = kv_head_index(part.heads, q.shape[1], k.shape[1])
-        self.rows = len(range(part.offset, block.segment_length, part.dilation_rate))
+        self.num_rows = len(range(part.offset, block.segment_length, part.dilation_rate))
 
-    def view(self, x: Tensor, kv: bool = False) -> Tensor:
+    def _view(self, x: Tensor, kv: bool) -> Tensor:
         if not kv:
             heads = self.part.heads
         elif isinstance(self.kv_heads, slice):
             heads = self.kv_heads
-        else:  # GQA: view every kv head; kv_chunk/add_kv pick them per query head
+        else:  # GQA: view every kv head; kv_rows/add_kv pick them per query head
             heads = slice(None)
         return dilated_view(x, heads, self.block, self.part.offset, self.part.dilation_rate)
 
-    def kv_chunk(self, x: Tensor, segments: slice) -> Tensor:
-        chunk = self.view(x, kv=True)[:, :, segments]
-        if isinstance(self.kv_heads, slice):
-            return chunk
-        return chunk.index_select(1, self.kv_heads.to(x.device))
+    def rows(self, x: Tensor, chunk: _Chunk) -> Tensor:
+        """The chunk's query rows of a [B, Hq, N, ...] tensor (a view)."""
+        return self._view(x, kv=False)[:, :, chunk.segments, chunk.queries]
 
-    def add_kv(self, acc: Tensor, segments: slice, value: Tensor) -> None:
-        """acc[kv heads of this slice, rows] += value, summing query heads that share a kv head."""
-        target = self.view(acc, kv=True)[:, :, segments]
+    def kv_rows(self, x: Tensor, chunk: _Chunk) -> Tensor:
+        """The chunk's key rows of a [B, Hkv, N, ...] tensor, one per query head."""
+        rows = self._view(x, kv=True)[:, :, chunk.segments, chunk.keys]
+        if isinstance(self.kv_heads, slice):
+            return rows
+        return rows.index_select(1, self.kv_heads.to(x.device))
+
+    def add_kv(self, acc: Tensor, chunk: _Chunk, value: Tensor) -> None:
+        """acc[kv heads, key rows] += value, summing query heads that share a kv head."""
+        target = self._view(acc, kv=True)[:, :, chunk.segments, chunk.keys]
         if isinstance(self.kv_heads, slice):
             target.add_(value)
         else:
             target.index_add_(1, self.kv_heads.to(acc.device), value)
 
-    def chunks(self) -> Iterator[slice]:
+    def chunks(self, is_causal: bool) -> Iterator[_Chunk]:
         heads = len(range(*self.part.heads.indices(self.q.shape[1])))
-        per_segment = max(1, self.q.shape[0] * heads * self.rows * self.rows)
-        step = max(1, _MAX_SCORE_ELEMENTS // per_segment)
-        for start in range(0, self.block.num_segments, step):
-            yield slice(start, min(start + step, self.block.num_segments))
+        rows, segments = self.num_rows, self.block.num_segments
+        per_query_row = max(1, self.q.shape[0] * heads * rows)
+        query_step = min(rows, max(1, _MAX_SCORE_ELEMENTS // per_query_row))
+        segment_step = max(1, _MAX_SCORE_ELEMENTS // (per_query_row * rows))
+        for first_segment in range(0, segments, segment_step):
+            segment_slice = slice(first_segment, min(first_segment + segment_step, segments))
+            for first_query in range(0, rows, query_step):
+                last_query = min(first_query + query_step, rows)
+                keys = slice(0, last_query if is_causal else rows)
+                yield _Chunk(segment_slice, slice(first_query, last_query), keys)
 
 
 def _tiles(q, k, v, segment_lengths, dilation_rates, mode) -> Iterator[_Tile]:
@@ -98,12 +121,13 @@ def _tiles(q, k, v, segment_lengths, dilation_rates, mode) -> Iterator[_Tile]:
                 yield _Tile(q, k, v, part, block)
 
 
-def _scores(qc: Tensor, kc: Tensor, scale: float, is_causal: bool) -> Tensor:
+def _scores(qc: Tensor, kc: Tensor, scale: float, is_causal: bool, first_query: int) -> Tensor:
     s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale)
     if is_causal:
-        # Rows of one offset keep their order, so position order is dilated-index order.
-        rows = s.shape[-1]
-        future = torch.ones(rows, rows, dtype=torch.bool, device=s.device).triu_(1)
+        # Rows of one offset keep their order, so position order is dilated-index order:
+        # query row first_query + i sees key rows j <= first_query + i.
+        queries = torch.arange(first_query, first_query + s.shape[-2], device=s.device)
+        future = torch.arange(s.shape[-1], device=s.device) > queries.unsqueeze(-1)
         s.masked_fill_(future, float("-inf"))
     return s
 
@@ -129,15 +153,18 @@ def dilated_attention_forward(
     out = torch.zeros(batch, q_heads, seq_len, v.shape[-1], dtype=cdtype, device=q.device)
     lse = torch.full((batch, q_heads, seq_len), float("-inf"), dtype=cdtype, device=q.device)
     for tile in _tiles(q, k, v, segment_lengths, dilation_rates, mode):
-        q_rows, out_rows, lse_rows = tile.view(q), tile.view(out), tile.view(lse)
-        for seg in tile.chunks():
-            s = _scores(q_rows[:, :, seg].to(cdtype), tile.kv_chunk(k, seg).to(cdtype), scale, is_causal)
+        for chunk in tile.chunks(is_causal):
+            s = _scores(
+                tile.rows(q, chunk).to(cdtype), tile.kv_rows(k, chunk).to(cdtype), scale,
+                is_causal, chunk.queries.start,
+            )
             chunk_lse = torch.logsumexp(s, dim=-1)  # finite: every row attends at least itself
-            chunk_out = torch.matmul(torch.exp(s - chunk_lse.unsqueeze(-1)), tile.kv_chunk(v, seg).to(cdtype))
+            probabilities = torch.exp(s - chunk_lse.unsqueeze(-1))
+            chunk_out = torch.matmul(probabilities, tile.kv_rows(v, chunk).to(cdtype))
             # Merge with what earlier configs gave these rows (log-sum-exp, LongNet eq. 10).
-            old_lse = lse_rows[:, :, seg]
+            old_lse = tile.rows(lse, chunk)
             new_lse = torch.logaddexp(old_lse, chunk_lse)
-            acc = out_rows[:, :, seg]
+            acc = tile.rows(out, chunk)
             acc.mul_(torch.exp(old_lse - new_lse).unsqueeze(-1))
             acc.add_(chunk_out * torch.exp(chunk_lse - new_lse).unsqueeze(-1))
             old_lse.copy_(new_lse)
@@ -172,20 +199,19 @@ def dilated_attention_backward(
     dk = torch.zeros(k.shape, dtype=cdtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdtype, device=q.device)
     for tile in _tiles(q, k, v, segment_lengths, dilation_rates, mode):
-        q_rows, do_rows, dq_rows = tile.view(q), tile.view(grad_out), tile.view(dq)
-        lse_rows, delta_rows = tile.view(lse), tile.view(delta)
-        for seg in tile.chunks():
-            qc = q_rows[:, :, seg].to(cdtype)
-            kc = tile.kv_chunk(k, seg).to(cdtype)
-            vc = tile.kv_chunk(v, seg).to(cdtype)
-            doc = do_rows[:, :, seg].to(cdtype)
+        for chunk in tile.chunks(is_causal):
+            qc = tile.rows(q, chunk).to(cdtype)
+            doc = tile.rows(grad_out, chunk).to(cdtype)
+            kc = tile.kv_rows(k, chunk).to(cdtype)
+            vc = tile.kv_rows(v, chunk).to(cdtype)
             # This config's share of the merged probabilities (masked scores give exp(-inf) = 0).
-            p = torch.exp(_scores(qc, kc, scale, is_causal) - lse_rows[:, :, seg].unsqueeze(-1))
-            tile.add_kv(dv, seg, torch.matmul(p.transpose(-1, -2), doc))
-            ds = p * (torch.matmul(doc, vc.transpose(-1, -2)) - delta_rows[:, :, seg].unsqueeze(-1))
-            ds.mul_(scale)
-            dq_rows[:, :, seg].add_(torch.matmul(ds, kc))
-            tile.add_kv(dk, seg, torch.matmul(ds.transpose(-1, -2), qc))
+            s = _scores(qc, kc, scale, is_causal, chunk.queries.start)
+            p = torch.exp(s - tile.rows(lse, chunk).unsqueeze(-1))
+            tile.add_kv(dv, chunk, torch.matmul(p.transpose(-1, -2), doc))
+            dp = torch.matmul(doc, vc.transpose(-1, -2))
+            ds = p.mul_(dp.sub_(tile.rows(delta, chunk).unsqueeze(-1))).mul_(scale)
+            tile.rows(dq, chunk).add_(torch.matmul(ds, kc))
+            tile.add_kv(dk, chunk, torch.matmul(ds.transpose(-1, -2), qc))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

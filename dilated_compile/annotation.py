@@ -51,10 +51,11 @@ def resolve_spec(
 ) -> DilatedSpec:
     """A ``DilatedSpec`` from either a spec or its fields (not both)."""
     if spec is not None:
-        if segment_lengths is not None or dilation_rates is not None:
+        if segment_lengths is not None or dilation_rates is not None or mode != "mixture":
             raise TypeError(
-                "pass either spec or segment_lengths/dilation_rates, not both; got spec "
-                f"{spec!r} and segment_lengths={segment_lengths!r}, dilation_rates={dilation_rates!r}"
+                "pass either spec or segment_lengths/dilation_rates/mode, not both; got spec "
+                f"{spec!r} and segment_lengths={segment_lengths!r}, "
+                f"dilation_rates={dilation_rates!r}, mode={mode!r}"
             )
         if not isinstance(spec, DilatedSpec):
             raise TypeError(f"spec must be a DilatedSpec, got {type(spec).__name__}: {spec!r}")
@@ -168,6 +169,8 @@ class dilated(TorchFunctionMode):
     ) -> None:
         super().__init__()
         self.spec = resolve_spec(spec, segment_lengths, dilation_rates, mode)
+        # A plain string attribute: what Dynamo records for a mode opened inside traced code,
+        # and what the graph-break warning reads back (dilated_compile.graph_breaks).
         self.payload = self.spec.to_json()
 
     def __repr__(self) -> str:

@@ -181,3 +181,18 @@ def test_compile_forwards_inductor_options_and_works_as_decorator():
 
     q, k, v = _inputs(requires_grad=False)
     torch.testing.assert_close(attend(q, k, v), dilated_attention(q, k, v, GROUPS, enable_gqa=True))
+
+
+def test_graph_break_inside_region_can_be_made_an_error():
+    def two_calls(q, k, v):
+        with dilated(SPEC):
+            x = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            torch._dynamo.graph_break()
+            return F.scaled_dot_product_attention(x, k, v, enable_gqa=True)
+
+    q, k, v = _inputs(requires_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphBreakInDilatedRegionWarning)
+        message = r"graph break inside dilated\(.*test_backend.py:\d+ in two_calls"
+        with pytest.raises(Exception, match=message):
+            torch.compile(two_calls, backend="dilated_compile_aot_eager")(q, k, v)

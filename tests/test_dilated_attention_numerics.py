@@ -9,7 +9,6 @@ random specs.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

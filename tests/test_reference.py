@@ -384,8 +384,8 @@ def test_matches_longnet_merge(segments, rates, n, causal, mode):
     go, gl = _rand(2, heads, n, 4, seed=14), _rand(2, heads, n, seed=15)
     finite = torch.isfinite(lse)
 
-    def loss(o, l):
-        return (o * go).sum() + (l[finite] * gl[finite]).sum()
+    def loss(o, lse_):
+        return (o * go).sum() + (lse_[finite] * gl[finite]).sum()
 
     ours = torch.autograd.grad(loss(out, lse), (q, k, v))
     theirs = torch.autograd.grad(loss(l_out, l_lse), (q, k, v))
@@ -442,8 +442,8 @@ def test_fully_empty_head_and_gradcheck():
     assert torch.isneginf(lse[:, 2:]).all()
 
     def fn(q, k, v):
-        o, l = dense_reference(q, k, v, spec, return_lse=True)
-        return o, torch.where(torch.isfinite(l), l, torch.zeros_like(l))
+        o, lse = dense_reference(q, k, v, spec, return_lse=True)
+        return o, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
@@ -457,8 +457,8 @@ def test_gradcheck(mode, causal):
     v = _rand(2, 1, 7, 2, seed=43, requires_grad=True)
 
     def fn(q, k, v):
-        o, l = dense_reference(q, k, v, spec, is_causal=causal, enable_gqa=True, return_lse=True)
-        return o, torch.where(torch.isfinite(l), l, torch.zeros_like(l))
+        o, lse = dense_reference(q, k, v, spec, is_causal=causal, enable_gqa=True, return_lse=True)
+        return o, torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
 

@@ -59,6 +59,8 @@ def test_dilated_takes_a_spec_or_its_fields():
     assert dilated(segment_lengths=(8,), dilation_rates=(2,)).spec == spec
     with pytest.raises(TypeError, match="not both"):
         dilated(spec, segment_lengths=(8,))
+    with pytest.raises(TypeError, match="mode='head_groups'"):
+        dilated(spec, mode="head_groups")
     with pytest.raises(TypeError, match="needs a pattern"):
         dilated(segment_lengths=(8,))
     with pytest.raises(TypeError, match="must be a DilatedSpec"):

@@ -30,9 +30,11 @@ from ._pattern import dilated_view, head_parts, kv_head_index, segment_blocks
 _MAX_SCORE_ELEMENTS = 1 << 24
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision inputs are accumulated in float32, as FlashAttention does; float64 stays
-    # float64 so the exact path can be checked exactly.
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the log-sum-exp output and of the accumulation for inputs of ``dtype``.
+
+    Half-precision inputs are accumulated in float32, as FlashAttention does; float64 stays
+    float64 so the exact path can be checked exactly."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -148,7 +150,7 @@ def dilated_attention_forward(
     out [B, Hq, N, Dv] (q.dtype), lse [B, Hq, N] (float32; float64 for float64 inputs)."""
     _check_op_args(q, k, v, segment_lengths, dilation_rates, mode)
     batch, q_heads, seq_len, head_dim = q.shape
-    cdtype = _compute_dtype(q.dtype)
+    cdtype = lse_dtype(q.dtype)
     scale = _resolve_scale(scale, head_dim)
     out = torch.zeros(batch, q_heads, seq_len, v.shape[-1], dtype=cdtype, device=q.device)
     lse = torch.full((batch, q_heads, seq_len), float("-inf"), dtype=cdtype, device=q.device)
@@ -189,7 +191,7 @@ def dilated_attention_backward(
     """The op ``dilated_compile::dilated_attention_backward``: dq, dk, dv given dL/dout and
     dL/dlse (None when the lse is unused), the forward's inputs, ``out`` and ``lse``."""
     _check_op_args(q, k, v, segment_lengths, dilation_rates, mode)
-    cdtype = _compute_dtype(q.dtype)
+    cdtype = lse_dtype(q.dtype)
     scale = _resolve_scale(scale, q.shape[-1])
     # dS = P * (dP - Delta + dL/dlse), since d lse / d s = P; fold dL/dlse into Delta.
     delta = (grad_out.to(cdtype) * out.to(cdtype)).sum(-1)
@@ -223,7 +225,7 @@ def _(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale):
     _check_op_args(q, k, v, segment_lengths, dilation_rates, mode)
     batch, q_heads, seq_len, _ = q.shape
     out = q.new_empty(batch, q_heads, seq_len, v.shape[-1])
-    lse = q.new_empty(batch, q_heads, seq_len, dtype=_compute_dtype(q.dtype))
+    lse = q.new_empty(batch, q_heads, seq_len, dtype=lse_dtype(q.dtype))
     return out, lse
 
 

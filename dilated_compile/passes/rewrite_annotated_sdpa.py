@@ -25,10 +25,12 @@ from torch._dynamo.utils import counters
 
 from ..annotation import bind_sdpa_arguments, check_unsupported_sdpa_arguments
 from ..ops import annotation_op, dilated_attention_op
+from ..ops.dilated_attention import lse_dtype
 from ..spec import DilatedSpec
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 REWRITES_META_KEY = "dilated_compile.rewrites"
+
 
 @dataclasses.dataclass(frozen=True)
 class Rewrite:
@@ -119,5 +121,4 @@ def _copy_meta(sdpa: torch.fx.Node, op_node: torch.fx.Node, out_node: torch.fx.N
     for key in ("val", "example_value"):
         out = sdpa.meta.get(key)
         if isinstance(out, torch.Tensor):
-            lse_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
-            op_node.meta[key] = (out, out.new_empty(out.shape[:-1], dtype=lse_dtype))
+            op_node.meta[key] = (out, out.new_empty(out.shape[:-1], dtype=lse_dtype(out.dtype)))

@@ -96,13 +96,15 @@ def test_spec_change_recompiles_instead_of_reusing():
     torch.testing.assert_close(compiled(q, k, v), dense)
 
 
-def test_graph_break_inside_region_warns_and_stays_dilated():
-    def two_calls(q, k, v):
-        with dilated(SPEC):
-            x = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            torch._dynamo.graph_break()
-            return F.scaled_dot_product_attention(x, k, v, enable_gqa=True)
+def two_calls(q, k, v):
+    """Two annotated calls with a graph break between them."""
+    with dilated(SPEC):
+        x = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(x, k, v, enable_gqa=True)
 
+
+def test_graph_break_inside_region_warns_and_stays_dilated():
     q, k, v = _inputs(requires_grad=False)
     with pytest.warns(GraphBreakInDilatedRegionWarning, match=r"test_backend.py:\d+ in two_calls") as record:
         out = torch.compile(two_calls, backend="dilated_compile_aot_eager")(q, k, v)
@@ -184,12 +186,6 @@ def test_compile_forwards_inductor_options_and_works_as_decorator():
 
 
 def test_graph_break_inside_region_can_be_made_an_error():
-    def two_calls(q, k, v):
-        with dilated(SPEC):
-            x = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            torch._dynamo.graph_break()
-            return F.scaled_dot_product_attention(x, k, v, enable_gqa=True)
-
     q, k, v = _inputs(requires_grad=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GraphBreakInDilatedRegionWarning)

@@ -25,14 +25,15 @@ class GraphBreakInDilatedRegionWarning(UserWarning):
 
 
 def _open_regions_at_break() -> list[str]:
-    """``repr`` of each ``dilated(...)`` mode on Dynamo's symbolic stack, outermost first."""
+    """A description of each ``dilated(...)`` mode on Dynamo's symbolic stack, outermost first."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     tx = InstructionTranslator.current_tx()
-    if tx is None:
+    state = getattr(tx, "symbolic_torch_function_state", None)
+    if state is None:  # not compiling, or a Dynamo without a symbolic mode stack
         return []
     regions = []
-    for variable in tx.symbolic_torch_function_state.mode_stack:
+    for variable in state.mode_stack:
         mode = getattr(variable, "value", None)
         if isinstance(mode, dilated):
             regions.append(_describe(tx, variable, mode))
@@ -40,8 +41,8 @@ def _open_regions_at_break() -> list[str]:
 
 
 def _describe(tx, variable, mode: dilated) -> str:
-    """The spec of a mode; a mode opened inside the traced code is not initialised yet (Dynamo
-    replays its attributes later), so read the attribute Dynamo recorded for it."""
+    """``dilated(<spec>)`` for a mode; a mode opened inside the traced code is not initialised
+    yet (Dynamo replays its attributes later), so read the attribute Dynamo recorded for it."""
     if "spec" in vars(mode):
         return f"dilated({mode.spec})"
     try:

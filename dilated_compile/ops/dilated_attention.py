@@ -1,7 +1,7 @@
 """``torch.ops.dilated_compile.dilated_attention`` and its backward: registration, fake kernels,
 autograd, and the exact PyTorch implementation.
 
-Semantics (``shared`` DESIGN contract): with c[p, t] the number of configs under which query p
+Semantics (docs/usage.md): with c[p, t] the number of configs under which query p
 attends key t,
 
     out_p = sum_t c[p,t] exp(s_pt) v_t / sum_t c[p,t] exp(s_pt),   lse_p = log sum_t c[p,t] exp(s_pt)
@@ -25,8 +25,8 @@ from torch import Tensor
 from ._checks import check_attention_inputs, check_pattern
 from ._pattern import dilated_view, head_parts, kv_head_index, segment_blocks
 
-# Scores of one chunk of segments stay below this many elements (64 MiB in float32), so
-# memory stays linear in N whatever the segment length.
+# Scores of one chunk (several segments, or some query rows of one segment) stay below this many
+# elements (64 MiB in float32), so memory stays linear in N whatever the segment length.
 _MAX_SCORE_ELEMENTS = 1 << 24
 
 

@@ -10,14 +10,16 @@ from collections.abc import Sequence
 
 import torch
 
+from ..spec import DilatedSpec
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_pattern(segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str) -> None:
+def check_pattern(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str
+) -> DilatedSpec:
     """Validate raw op arguments the way ``DilatedSpec`` does (ops can be called directly)."""
-    from ..spec import DilatedSpec
-
-    DilatedSpec(tuple(segment_lengths), tuple(dilation_rates), mode)
+    return DilatedSpec(tuple(segment_lengths), tuple(dilation_rates), mode)
 
 
 def check_attention_inputs(

@@ -15,6 +15,8 @@ silently dropped.
 import torch
 from torch import Tensor
 
+from ..spec import DilatedSpec
+
 UNREWRITTEN_MESSAGE = (
     "F.scaled_dot_product_attention was called inside dilated({annotation}) but the captured graph "
     "was not rewritten, so it would compute dense attention. Compile with "
@@ -25,8 +27,6 @@ UNREWRITTEN_MESSAGE = (
 
 @torch.library.custom_op("dilated_compile::annotation", mutates_args=())
 def _annotation_op(sdpa_out: Tensor, payload: str) -> Tensor:
-    from ..spec import DilatedSpec
-
     raise RuntimeError(UNREWRITTEN_MESSAGE.format(annotation=DilatedSpec.from_json(payload)))
 
 

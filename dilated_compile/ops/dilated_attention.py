@@ -44,12 +44,7 @@ def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
 
 def _check_op_args(q, k, v, segment_lengths, dilation_rates, mode) -> None:
     check_attention_inputs(q, k, v)
-    check_pattern(segment_lengths, dilation_rates, mode)
-    if mode == "head_groups" and q.shape[1] < len(segment_lengths):
-        raise ValueError(
-            f"mode='head_groups' needs at least one query head per config: got {q.shape[1]} "
-            f"heads for {len(segment_lengths)} configs"
-        )
+    check_pattern(segment_lengths, dilation_rates, mode).check_num_heads(q.shape[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +62,10 @@ class _Tile:
     the per-row buffers at the dilated rows, cut into chunks whose scores stay below
     ``_MAX_SCORE_ELEMENTS`` (by segments, and by query rows when one segment is too large)."""
 
-    def __init__(self, q, k, v, part, block):
-        self.q, self.k, self.v = q, k, v
+    def __init__(self, part, block, batch: int, q_heads: int, kv_heads: int):
         self.part, self.block = part, block
-        self.kv_heads = kv_head_index(part.heads, q.shape[1], k.shape[1])
+        self.kv_heads = kv_head_index(part.heads, q_heads, kv_heads)
+        self.batch_heads = batch * len(range(*part.heads.indices(q_heads)))
         self.num_rows = len(range(part.offset, block.segment_length, part.dilation_rate))
 
     def _view(self, x: Tensor, kv: bool) -> Tensor:
@@ -102,9 +97,8 @@ class _Tile:
             target.index_add_(1, self.kv_heads.to(acc.device), value)
 
     def chunks(self, is_causal: bool) -> Iterator[_Chunk]:
-        heads = len(range(*self.part.heads.indices(self.q.shape[1])))
         rows, segments = self.num_rows, self.block.num_segments
-        per_query_row = max(1, self.q.shape[0] * heads * rows)
+        per_query_row = max(1, self.batch_heads * rows)  # score elements per query row
         query_step = min(rows, max(1, _MAX_SCORE_ELEMENTS // per_query_row))
         segment_step = max(1, _MAX_SCORE_ELEMENTS // (per_query_row * rows))
         for first_segment in range(0, segments, segment_step):
@@ -115,12 +109,12 @@ class _Tile:
                 yield _Chunk(segment_slice, slice(first_query, last_query), keys)
 
 
-def _tiles(q, k, v, segment_lengths, dilation_rates, mode) -> Iterator[_Tile]:
-    seq_len = q.shape[2]
-    for part in head_parts(segment_lengths, dilation_rates, mode, q.shape[1]):
+def _tiles(q, k, segment_lengths, dilation_rates, mode) -> Iterator[_Tile]:
+    batch, q_heads, seq_len, _ = q.shape
+    for part in head_parts(segment_lengths, dilation_rates, mode, q_heads):
         for block in segment_blocks(part.segment_length, seq_len):
             if part.offset < block.segment_length:  # else this offset has no row here
-                yield _Tile(q, k, v, part, block)
+                yield _Tile(part, block, batch, q_heads, k.shape[1])
 
 
 def _scores(qc: Tensor, kc: Tensor, scale: float, is_causal: bool, first_query: int) -> Tensor:
@@ -154,7 +148,7 @@ def dilated_attention_forward(
     scale = _resolve_scale(scale, head_dim)
     out = torch.zeros(batch, q_heads, seq_len, v.shape[-1], dtype=cdtype, device=q.device)
     lse = torch.full((batch, q_heads, seq_len), float("-inf"), dtype=cdtype, device=q.device)
-    for tile in _tiles(q, k, v, segment_lengths, dilation_rates, mode):
+    for tile in _tiles(q, k, segment_lengths, dilation_rates, mode):
         for chunk in tile.chunks(is_causal):
             s = _scores(
                 tile.rows(q, chunk).to(cdtype), tile.kv_rows(k, chunk).to(cdtype), scale,
@@ -200,7 +194,7 @@ def dilated_attention_backward(
     dq = torch.zeros(q.shape, dtype=cdtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdtype, device=q.device)
-    for tile in _tiles(q, k, v, segment_lengths, dilation_rates, mode):
+    for tile in _tiles(q, k, segment_lengths, dilation_rates, mode):
         for chunk in tile.chunks(is_causal):
             qc = tile.rows(q, chunk).to(cdtype)
             doc = tile.rows(grad_out, chunk).to(cdtype)

@@ -1,8 +1,11 @@
 import os
 
-import pytest
-import torch
-from hypothesis import settings
+# One default config per Triton kernel: tuning each new shape class would dominate GPU test time.
+os.environ.setdefault("DILATED_COMPILE_AUTOTUNE", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # Reproducible property tests in CI: the same examples every run, no wall-clock deadline
 # (a first call may compile).

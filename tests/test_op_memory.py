@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from dilated_compile import DilatedSpec
-from dilated_compile.ops import dilated_attention as op_module
+from dilated_compile.ops import dilated_attention_pytorch as op_module
 from dilated_compile.testing import dense_reference
 
 
@@ -27,8 +27,8 @@ def _run_implementations(q, k, v, spec, is_causal):
     """The forward and backward implementations themselves (below the op's dispatch, so that
     the mode sees every tensor they make)."""
     args = (list(spec.segment_lengths), list(spec.dilation_rates), spec.mode, is_causal, None)
-    out, lse = op_module.dilated_attention_forward._init_fn(q, k, v, *args)
-    grads = op_module.dilated_attention_backward._init_fn(
+    out, lse = op_module.dilated_attention_pytorch._init_fn(q, k, v, *args)
+    grads = op_module.dilated_attention_backward_pytorch._init_fn(
         torch.ones_like(out), q, k, v, out, lse, None, *args
     )
     return out, grads

@@ -88,3 +88,9 @@ def check_attention_inputs(
             f"query has {q_heads} heads and key/value {kv_heads}: pass enable_gqa=True for "
             "grouped-query attention"
         )
+
+
+def check_op_args(q, k, v, segment_lengths, dilation_rates, mode) -> None:
+    """Everything the dilated ops check when called directly through ``torch.ops``."""
+    check_attention_inputs(q, k, v)
+    check_pattern(segment_lengths, dilation_rates, mode).check_num_heads(q.shape[1])

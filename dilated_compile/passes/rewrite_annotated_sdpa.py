@@ -25,7 +25,7 @@ from torch._dynamo.utils import counters
 
 from ..annotation import bind_sdpa_arguments, check_unsupported_sdpa_arguments
 from ..ops import annotation_op, dilated_attention_op
-from ..ops.dilated_attention import lse_dtype
+from ..ops._numerics import lse_dtype
 from ..spec import DilatedSpec
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)

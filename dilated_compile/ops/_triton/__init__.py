@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (CUDA; any device under ``TRITON_INTERPRET=1``)."""

@@ -370,9 +370,8 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "checks": checks, "results": results}, f, indent=1)
     from dilated_compile.ops._triton import dilated_attention as kernels
-    for name in ("dilated_attention_fwd_kernel", "dilated_attention_bwd_dq_kernel",
-                 "dilated_attention_bwd_dkdv_kernel"):
-        for key, config in getattr(kernels, name).cache.items():
+    for name in ("_FWD", "_DQ", "_DKDV"):
+        for key, config in getattr(kernels, name)[0].cache.items():
             print(f"# tuned {name} {key}: {config}")
     print()
     print(meta)

@@ -192,3 +192,22 @@ def test_graph_break_inside_region_can_be_made_an_error():
         message = r"graph break inside dilated\(.*test_backend.py:\d+ in two_calls"
         with pytest.raises(Exception, match=message):
             torch.compile(two_calls, backend="dilated_compile_aot_eager")(q, k, v)
+
+
+def test_compiled_backward_with_transposed_projections():
+    """q/k/v as views of a projection ([B, N, H, D] transposed): the backward's gradients are
+    contiguous on every path and the compiled graph expects exactly that."""
+    lin = torch.nn.Linear(16, 16, dtype=torch.float64)
+
+    def f(x):
+        q = lin(x).view(2, 10, 4, 4).transpose(1, 2)
+        with dilated(segment_lengths=(4, 8), dilation_rates=(1, 2)):
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    compiled = torch.compile(f, backend="dilated_compile_aot_eager")
+    compiled(x).sum().backward()
+    got = lin.weight.grad.clone()
+    lin.weight.grad = None
+    f(x).sum().backward()
+    torch.testing.assert_close(got, lin.weight.grad)

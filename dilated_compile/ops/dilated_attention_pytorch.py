@@ -211,7 +211,8 @@ def _(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale):
 
 @dilated_attention_backward_pytorch.register_fake
 def _(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_rates, mode, is_causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous, like the real gradients (empty_like would copy the inputs' strides).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 dilated_attention_pytorch_op = torch.ops.dilated_compile.dilated_attention_pytorch.default

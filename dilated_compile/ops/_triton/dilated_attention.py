@@ -83,16 +83,21 @@ def _jit(fn):
 
 
 # BLOCK_M is a multiple of BLOCK_N in every forward config (the causal split relies on it).
+# float32 tiles take twice the shared memory, so float32 inputs get a kernel tuned over smaller
+# blocks (the first of each list fits every supported head dim).
 _FWD_CONFIGS = _configs([
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
 ])
+_FWD_CONFIGS_FP32 = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)])
 _DQ_CONFIGS = _configs([
     (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2),
 ])
+_DQ_CONFIGS_FP32 = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)])
 # For dk/dv, BLOCK_N is the key block a program owns and BLOCK_M the query block it walks.
 _DKDV_CONFIGS = _configs([
-    (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 128, 8, 4),
+    (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 4),
 ])
+_DKDV_CONFIGS_FP32 = _configs([(32, 64, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2)])
 
 
 @triton.jit
@@ -104,7 +109,6 @@ def _segment_rows(seg, seg_len, N, offset, rate):
     return seg_start + offset, n_rows
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY + ["MERGE"], restore_value=["Out", "Lse"])
 @_jit
 def dilated_attention_fwd_kernel(
     Q, K, V, Out, Lse,
@@ -115,6 +119,8 @@ def dilated_attention_fwd_kernel(
     MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Inductor may pass the scale as a float64 scalar; keep the softmax state in float32.
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -224,7 +230,6 @@ def dilated_attention_bwd_delta_kernel(
     tl.store(Delta + pid_bh * N + rows, delta, mask=valid)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY + ["ACCUMULATE"], restore_value=["DQ"])
 @_jit
 def dilated_attention_bwd_dq_kernel(
     Q, K, V, dOut, Lse, Delta, DQ,
@@ -237,6 +242,8 @@ def dilated_attention_bwd_dq_kernel(
 ):
     """This launch's share of dq, added into DQ (fp32) when ACCUMULATE, else written (DQ in
     q's dtype, or the fp32 buffer's first write). DQ is contiguous [B, Hq, N, D]."""
+    # Inductor may pass the scale as a float64 scalar; keep the softmax state in float32.
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -289,7 +296,6 @@ def dilated_attention_bwd_dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY + ["ACCUMULATE"], restore_value=["DK", "DV"])
 @_jit
 def dilated_attention_bwd_dkdv_kernel(
     Q, K, V, dOut, Lse, Delta, DK, DV,
@@ -306,6 +312,7 @@ def dilated_attention_bwd_dkdv_kernel(
     program sums over the query heads of the kv head's GQA group that use this offset, so no
     two programs write the same rows. The grid covers the kv heads ``[kv_lo, kv_lo + kv_count)``
     of the launch's query heads. DK/DV are contiguous [B, Hkv, N, D(v)]."""
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     pid_n = tl.program_id(0)
     seg = tl.program_id(1)
     pid = tl.program_id(2)
@@ -367,6 +374,25 @@ def dilated_attention_bwd_dkdv_kernel(
         dv += tl.load(dv_ptrs, mask=n_valid[:, None], other=0.0)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+
+
+def _tuned(kernel, configs, key, restore_value):
+    return triton.autotune(configs=configs, key=_TUNE_KEY + [key], restore_value=restore_value)(kernel)
+
+
+# (16-bit inputs, float32 inputs) variants of each tuned kernel.
+_FWD = (
+    _tuned(dilated_attention_fwd_kernel, _FWD_CONFIGS, "MERGE", ["Out", "Lse"]),
+    _tuned(dilated_attention_fwd_kernel, _FWD_CONFIGS_FP32, "MERGE", ["Out", "Lse"]),
+)
+_DQ = (
+    _tuned(dilated_attention_bwd_dq_kernel, _DQ_CONFIGS, "ACCUMULATE", ["DQ"]),
+    _tuned(dilated_attention_bwd_dq_kernel, _DQ_CONFIGS_FP32, "ACCUMULATE", ["DQ"]),
+)
+_DKDV = (
+    _tuned(dilated_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, "ACCUMULATE", ["DK", "DV"]),
+    _tuned(dilated_attention_bwd_dkdv_kernel, _DKDV_CONFIGS_FP32, "ACCUMULATE", ["DK", "DV"]),
+)
 
 
 # --- launchers --------------------------------------------------------------------------------
@@ -455,7 +481,7 @@ def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale):
         grid = lambda meta, rows=max_rows, segs=num_segments, heads=batch * launch.head_count: (
             triton.cdiv(rows, meta["BLOCK_M"]), segs, heads,
         )
-        wrap_triton(dilated_attention_fwd_kernel)[grid](
+        wrap_triton(_FWD[q.dtype == torch.float32])[grid](
             q, k, v, acc, lse,
             *q.stride(), *k.stride(), *v.stride(), *acc.stride(), *lse.stride(),
             seq_len, launch.head_lo, launch.head_count, num_heads // k.shape[1], w, launch.rate,
@@ -519,7 +545,7 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
         grid = lambda meta, rows=max_rows, segs=num_segments, heads=batch * launch.head_count: (
             triton.cdiv(rows, meta["BLOCK_M"]), segs, heads,
         )
-        wrap_triton(dilated_attention_bwd_dq_kernel)[grid](
+        wrap_triton(_DQ[q.dtype == torch.float32])[grid](
             q, k, v, grad_out, lse, delta, dq, *strides,
             seq_len, num_heads, launch.head_lo, launch.head_count, kv_group, w, launch.rate,
             launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
@@ -531,7 +557,7 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
         kv_grid = lambda meta, rows=max_rows, segs=num_segments, progs=batch * kv_count * num_offsets: (
             triton.cdiv(rows, meta["BLOCK_N"]), segs, progs,
         )
-        wrap_triton(dilated_attention_bwd_dkdv_kernel)[kv_grid](
+        wrap_triton(_DKDV[q.dtype == torch.float32])[kv_grid](
             q, k, v, grad_out, lse, delta, dk, dv, *strides,
             seq_len, num_heads, num_kv_heads, kv_lo, kv_count, num_offsets, launch.head_lo,
             launch.head_count, kv_group, w, launch.rate, launch.fixed_offset, scale * LOG2E,

@@ -19,12 +19,15 @@ Importing the package registers the ``torch.ops.dilated_compile.*`` ops and the
 ``"dilated_compile"`` backend; it initialises no CUDA context.
 """
 
-from . import ops
+from . import nn, ops, tensorrt  # noqa: F401 (nn: not in __all__, so `import *` never shadows torch.nn)
 from .annotation import dilated
+from .aot import aot_compile
 from .backend import compile
 from .explain import ExplainReport, explain
+from .export import export
 from .functional import dilated_attention
 from .graph_breaks import GraphBreakInDilatedRegionWarning
+from .onnx_export import to_onnx
 from .spec import DilatedSpec
 
 __version__ = "0.1.0"
@@ -33,9 +36,13 @@ __all__ = [
     "DilatedSpec",
     "ExplainReport",
     "GraphBreakInDilatedRegionWarning",
+    "aot_compile",
     "compile",
     "dilated",
     "dilated_attention",
     "explain",
+    "export",
     "ops",
+    "tensorrt",
+    "to_onnx",
 ]

@@ -1,0 +1,114 @@
+"""``aot_compile``: an AOTInductor package (``.pt2``) that runs without Python's dilated_compile.
+
+The package is a shared library plus weights; ``torch._inductor.aoti_load_package(path)`` loads
+it in any process with a matching PyTorch, with no ``import dilated_compile``. For that, nothing
+in it may call an op defined in Python:
+
+- on CPU the dilated op runs its PyTorch implementation, a Python custom op, so the op is
+  replaced by its decomposition into aten ops first (``decompose=True``, the default on CPU);
+- on CUDA the op's Triton kernels are meant to be compiled into the package (``decompose=False``,
+  the default on CUDA; ``decompose=True`` gives Inductor-generated kernels instead). CUDA packages
+  are not verified yet: building one with the kernels crashed on torch 2.11 (docs/export.md).
+
+Either way the finished package is checked: if it would call a ``dilated_compile::`` op at run
+time (a case the kernels do not cover, e.g. float64 or an unsupported head dim on CUDA), the
+package is deleted and an error says to pass ``decompose=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from .export import as_program, dilated_op_nodes, program_device_types
+from .ops.decompositions import dilated_attention_decompositions
+
+__all__ = ["aot_compile"]
+
+# How AOTInductor records an op it calls through the dispatcher at run time (the proxy executor's
+# node list, a JSON file in the package).
+_RUNTIME_OP = re.compile(r'"target":\s*"(dilated_compile::\w+)"')
+
+
+def _python_ops_in_package(path: str) -> list[str]:
+    """``dilated_compile::`` ops the package would call through the dispatcher."""
+    found = set()
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith(".json"):
+                found.update(_RUNTIME_OP.findall(archive.read(name).decode("utf-8", "replace")))
+    return sorted(found)
+
+
+def aot_compile(
+    module_or_program: torch.nn.Module | ExportedProgram,
+    args: tuple[Any, ...],
+    package_path: str | os.PathLike,
+    *,
+    kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+    strict: bool = True,
+    decompose: bool | None = None,
+    inductor_configs: dict[str, Any] | None = None,
+) -> str:
+    """Compile a model with AOTInductor into a ``.pt2`` package that loads without this library.
+
+    Args:
+        module_or_program: an ``nn.Module`` (exported with ``dilated_compile.export``) or an
+            ``ExportedProgram`` from ``dilated_compile.export``.
+        args: example positional inputs (a tuple), on the device the package is built for.
+        package_path: where to write the package; must end in ``.pt2``.
+        kwargs, dynamic_shapes, strict: passed to ``dilated_compile.export`` for a module.
+        decompose: replace the dilated ops by their aten decomposition before compiling.
+            None (default): True on CPU, False on CUDA (the op's Triton kernels are packaged).
+        inductor_configs: passed to ``torch._inductor.aoti_compile_and_package``.
+
+    Returns:
+        The package path. Load it with ``torch._inductor.aoti_load_package(path)``; the loaded
+        model takes the same inputs as ``module_or_program`` (any sequence length in the
+        exported range) and returns the same outputs.
+
+    Raises:
+        RuntimeError: when the package would call a ``dilated_compile::`` op at run time (then
+            it is deleted); pass ``decompose=True``.
+
+    Example::
+
+        >>> seq = torch.export.Dim("seq", max=65536)
+        >>> path = dilated_compile.aot_compile(
+        ...     model, (tokens,), "model.pt2", dynamic_shapes={"tokens": {1: seq}})
+        >>> # in another process, without dilated_compile:
+        >>> runner = torch._inductor.aoti_load_package("model.pt2")
+        >>> logits = runner(tokens)
+    """
+    package_path = os.fspath(package_path)
+    if not package_path.endswith(".pt2"):
+        raise ValueError(
+            f"package_path must end in .pt2 (AOTInductor's package format), got {package_path!r}"
+        )
+    if decompose is not None and not isinstance(decompose, bool):
+        raise TypeError(f"decompose must be True, False or None, got {decompose!r}")
+    program = as_program(module_or_program, args, kwargs, dynamic_shapes, strict, "aot_compile")
+    if decompose is None:
+        decompose = "cuda" not in program_device_types(program)
+    if decompose and dilated_op_nodes(program):
+        program = program.run_decompositions(dilated_attention_decompositions())
+    path = torch._inductor.aoti_compile_and_package(
+        program, package_path=package_path, inductor_configs=inductor_configs
+    )
+    python_ops = _python_ops_in_package(path)
+    if python_ops:
+        os.remove(path)
+        raise RuntimeError(
+            f"the AOTInductor package would call {python_ops} at run time, ops implemented in "
+            "Python that only exist where dilated_compile is imported (the inputs take the "
+            "PyTorch path of the dilated op, e.g. on CPU, in float64 or with a head dim the "
+            "kernels do not cover); the package was not kept. Pass decompose=True to compile "
+            "the op's aten decomposition into the package instead."
+        )
+    return path

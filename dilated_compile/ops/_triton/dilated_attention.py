@@ -109,6 +109,20 @@ def _segment_rows(seg, seg_len, N, offset, rate):
     return seg_start + offset, n_rows
 
 
+@triton.jit
+def _query_program(N, head_lo, head_count, seg_len, rate, fixed_offset):
+    """The query-side program's place, from its ids (block of dilated rows, segment, batch x
+    head): (row block, batch, head, first position and number of the segment's dilated rows)."""
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // head_count
+    h = head_lo + pid_bh % head_count
+    offset = fixed_offset if fixed_offset >= 0 else h % rate
+    row0, n_rows = _segment_rows(seg, seg_len, N, offset, rate)
+    return pid_m, b, h, row0, n_rows
+
+
 @_jit
 def dilated_attention_fwd_kernel(
     Q, K, V, Out, Lse,
@@ -121,13 +135,7 @@ def dilated_attention_fwd_kernel(
 ):
     # Inductor may pass the scale as a float64 scalar; keep the softmax state in float32.
     scale_log2 = tl.cast(scale_log2, tl.float32)
-    pid_m = tl.program_id(0)
-    seg = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    b = pid_bh // head_count
-    h = head_lo + pid_bh % head_count
-    offset = fixed_offset if fixed_offset >= 0 else h % rate
-    row0, n_rows = _segment_rows(seg, seg_len, N, offset, rate)
+    pid_m, b, h, row0, n_rows = _query_program(N, head_lo, head_count, seg_len, rate, fixed_offset)
     if pid_m * BLOCK_M >= n_rows:
         return
     kvh = h // kv_group
@@ -244,13 +252,7 @@ def dilated_attention_bwd_dq_kernel(
     q's dtype, or the fp32 buffer's first write). DQ is contiguous [B, Hq, N, D]."""
     # Inductor may pass the scale as a float64 scalar; keep the softmax state in float32.
     scale_log2 = tl.cast(scale_log2, tl.float32)
-    pid_m = tl.program_id(0)
-    seg = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    b = pid_bh // head_count
-    h = head_lo + pid_bh % head_count
-    offset = fixed_offset if fixed_offset >= 0 else h % rate
-    row0, n_rows = _segment_rows(seg, seg_len, N, offset, rate)
+    pid_m, b, h, row0, n_rows = _query_program(N, head_lo, head_count, seg_len, rate, fixed_offset)
     if pid_m * BLOCK_M >= n_rows:
         return
     kvh = h // kv_group

@@ -14,6 +14,10 @@ Prints a table; exits non-zero if a check fails. Usage, from the repository root
 
     python benchmarks/gpu_export_check.py                          # float32 and bfloat16
     python benchmarks/gpu_export_check.py --dtypes float32 --out /tmp/report
+    python benchmarks/gpu_export_check.py --cxx g++-12    # C++ compiler for the packages
+
+``--cxx`` sets Inductor's ``cpp.cxx`` through ``aot_compile(inductor_configs=...)``; without it the
+``CXX`` environment variable (or ``g++``) is used. See "Troubleshooting" in docs/export.md.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +66,7 @@ class Result:
 
 
 DEVICE = "cuda"  # --device cpu: a smoke run of this script's own logic
+CXX: str | None = None  # --cxx: the C++ compiler AOTInductor builds packages with
 
 
 def _model(dtype: torch.dtype) -> LongNetLM:
@@ -105,6 +111,8 @@ def _check_package(package: str, model, workdir: str) -> tuple[float, str]:
     torch.save({"inputs": inputs, "expected": expected, "device": DEVICE}, cases)
     done = subprocess.run([sys.executable, WORKER, cases, "--aoti", package],
                           capture_output=True, text=True, timeout=540)
+    if done.returncode == -signal.SIGSEGV:
+        return float("inf"), "SIGSEGV loading the package (try --cxx g++-12): " + done.stderr[-1500:]
     if done.returncode:
         return float("inf"), done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -123,6 +131,7 @@ def run_experiment(experiment: Experiment, workdir: str) -> Result:
         package = dilated_compile.aot_compile(
             model, example, path, dynamic_shapes=_dynamic_shapes(),
             decompose=experiment.target == "aoti-decomp",
+            inductor_configs={"cpp.cxx": CXX} if CXX else None,
         )
         result.build_s = time.perf_counter() - start
         result.size_mb = os.path.getsize(package) / 2**20
@@ -156,7 +165,8 @@ def run_experiment(experiment: Experiment, workdir: str) -> Result:
 
 def _print_table(results: list[Result]) -> None:
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    print(f"\ntorch {torch.__version__}, {device}, "
+    cxx = CXX or torch._inductor.config.cpp.cxx[-1]
+    print(f"\ntorch {torch.__version__}, {device}, C++ compiler {cxx}, "
           f"lengths {LENGTHS} (timed at {LENGTHS[-1]})")
     header = f"{'target':14} {'dtype':9} {'status':10} {'build s':>8} {'max err':>10} " \
              f"{'eager ms':>9} {'artefact ms':>12} {'MB':>6}"
@@ -172,15 +182,16 @@ def _print_table(results: list[Result]) -> None:
 
 
 def main() -> int:
-    global DEVICE, LENGTHS
+    global DEVICE, LENGTHS, CXX
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--targets", nargs="+", default=["aoti-kernels", "aoti-decomp", "tensorrt"])
     parser.add_argument("--out", help="directory for report.json")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
+    parser.add_argument("--cxx", help="C++ compiler for AOTInductor packages, e.g. g++-12")
     options = parser.parse_args()
-    DEVICE, LENGTHS = options.device, tuple(options.lengths)
+    DEVICE, LENGTHS, CXX = options.device, tuple(options.lengths), options.cxx
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA device (or --device cpu for a smoke run)")
         return 2

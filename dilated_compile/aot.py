@@ -26,7 +26,7 @@ import torch
 from torch.export import ExportedProgram
 
 from .export import as_program, dilated_op_nodes, program_device_types
-from .ops.decompositions import dilated_attention_decompositions
+from .ops.decompositions import dilated_attention_decompositions, size_oblivious
 
 __all__ = ["aot_compile"]
 
@@ -43,6 +43,33 @@ def _python_ops_in_package(path: str) -> list[str]:
             if name.endswith(".json"):
                 found.update(_RUNTIME_OP.findall(archive.read(name).decode("utf-8", "replace")))
     return sorted(found)
+
+
+def _input_dims(program: ExportedProgram) -> tuple[Any, dict[Any, str]]:
+    """The shape environment of the program's inputs, and a readable name of each dynamic
+    dimension (``tokens.shape[1]``) by symbol."""
+    env, names = None, {}
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if not isinstance(value, torch.Tensor):
+            continue
+        mode = getattr(value, "fake_mode", None)
+        env = env or getattr(mode, "shape_env", None)
+        for dim, size in enumerate(value.shape):
+            if isinstance(size, torch.SymInt) and size.node.expr in program.range_constraints:
+                names.setdefault(size.node.expr, f"{node.name}.shape[{dim}]")
+    return env, names
+
+
+def _narrowed_ranges(program: ExportedProgram, before: dict[Any, Any], env: Any) -> list[str]:
+    """Dynamic dimensions whose range AOTInductor narrowed while compiling (it adds guards from
+    the example input's sizes; a package checks only the exported ranges at run time)."""
+    narrowed = []
+    for symbol, name in _input_dims(program)[1].items():
+        old, new = before.get(symbol), env.var_to_range.get(symbol)
+        if old is not None and new is not None and (new.lower > old.lower or new.upper < old.upper):
+            narrowed.append(f"{name} in [{new.lower}, {new.upper}] (exported as [{old.lower}, {old.upper}])")
+    return narrowed
 
 
 def aot_compile(
@@ -98,9 +125,24 @@ def aot_compile(
         decompose = "cuda" not in program_device_types(program)
     if decompose and dilated_op_nodes(program):
         program = program.run_decompositions(dilated_attention_decompositions())
-    path = torch._inductor.aoti_compile_and_package(
-        program, package_path=package_path, inductor_configs=inductor_configs
-    )
+    # Size-obliviously: Inductor takes sizes from the example input, and a package checks no
+    # guard at run time, so a size that is 1 there (the decomposition's number of segments,
+    # when the example is no longer than a segment) must not be specialised on.
+    env, _ = _input_dims(program)
+    before = dict(env.var_to_range) if env is not None else {}
+    with size_oblivious():
+        path = torch._inductor.aoti_compile_and_package(
+            program, package_path=package_path, inductor_configs=inductor_configs
+        )
+    narrowed = _narrowed_ranges(program, before, env) if env is not None else []
+    if narrowed:
+        os.remove(path)
+        raise RuntimeError(
+            f"AOTInductor specialised the package to {'; '.join(narrowed)}: code valid only "
+            "there, from guards on the example input's sizes, which a package does not check at "
+            "run time; the package was not kept. Export with another example input (a longer "
+            "one, say), or restrict the torch.export.Dim to that range."
+        )
     python_ops = _python_ops_in_package(path)
     if python_ops:
         os.remove(path)

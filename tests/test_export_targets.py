@@ -79,7 +79,9 @@ def _tokens(n, seed=0):
 def artefacts(tmp_path_factory):
     torch.manual_seed(0)
     model = TinyLM().eval()
-    example = (_tokens(37),)
+    # An example no longer than a segment: every config has one segment there, and the
+    # artefacts must still be right for many segments (a package checks no guard on them).
+    example = (_tokens(7),)
     program = dilated_compile.export(model, example, dynamic_shapes={"tokens": {1: SEQ}})
     directory = tmp_path_factory.mktemp("artefacts")
     package = dilated_compile.aot_compile(program, example, directory / "lm.pt2")
@@ -157,6 +159,26 @@ def test_package_check_finds_runtime_calls_of_our_ops(tmp_path):
         archive.writestr("fake/data/aotinductor/model/x.wrapper.json", json.dumps(node))
         archive.writestr("fake/data/aotinductor/model/x.wrapper.cpp", "// dilated_compile::x")
     assert _python_ops_in_package(str(path)) == ["dilated_compile::dilated_attention_pytorch"]
+
+
+def test_a_package_specialised_by_inductor_is_refused(tmp_path, monkeypatch):
+    """If compiling narrows a dynamic dimension's range (a guard from the example's sizes, which
+    a package never checks), the package would be wrong elsewhere: it is deleted, with an error."""
+    model = TinyLM().eval()
+    program = dilated_compile.export(model, (_tokens(7),), dynamic_shapes={"tokens": {1: SEQ}})
+
+    def narrowing_compile(program, package_path, inductor_configs=None):
+        (symbol,) = program.range_constraints
+        env = next(n for n in program.graph.nodes if n.op == "placeholder").meta["val"]
+        env = env.fake_mode.shape_env
+        env.var_to_range[symbol] = type(env.var_to_range[symbol])(2, 16)
+        open(package_path, "wb").close()
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", narrowing_compile)
+    with pytest.raises(RuntimeError, match=r"tokens\.shape\[1\] in \[2, 16\] \(exported as \[2, 512\]\)"):
+        dilated_compile.aot_compile(program, (_tokens(7),), tmp_path / "lm.pt2")
+    assert not (tmp_path / "lm.pt2").exists()
 
 
 def test_argument_errors(tmp_path):

@@ -225,12 +225,23 @@ def _check(q: Tensor, k: Tensor, segment_lengths, dilation_rates, mode) -> None:
         )
 
 
+def _rows_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for ``[..., S, rows, F]`` operands, each made contiguous first.
+
+    matmul flattens the leading dims, a view. Inductor views a non-contiguous operand by
+    reasoning on its sizes, and when the number of segments S is 1 in the example input it
+    guards that S stays 1; an AOTInductor package checks no guard at run time, so it would
+    silently give wrong results for longer sequences. Callers put the transposes on the small
+    ``[rows, F]`` operands so that no ``[rows, rows]`` tensor is copied."""
+    return torch.matmul(a.contiguous(), b.contiguous())
+
+
 def _block_attention(
     layout: _Layout, q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool
 ) -> tuple[Tensor, Tensor]:
     """One head block under one config: out [B, h, N, Dv] and lse [B, h, N] (-inf off its rows)."""
     qr, kr, vr = layout.gather(q), layout.gather(k), layout.gather(v)
-    scores = torch.matmul(qr, kr.transpose(-1, -2)) * scale
+    scores = _rows_matmul(qr, kr.transpose(-1, -2)) * scale
     scores = torch.where(layout.mask(is_causal), scores, _NEG_INF)
     # Guarded softmax: a row without keys (only padding rows) has a zero denominator, out 0 and
     # lse -inf, never NaN, in the forward and the backward.
@@ -240,19 +251,21 @@ def _block_attention(
     denominator = weights.sum(dim=-1, keepdim=True)
     nonempty = denominator > 0
     denominator = torch.where(nonempty, denominator, 1.0)
-    out = torch.matmul(weights, vr) / denominator
+    out = _rows_matmul(weights, vr) / denominator
     lse = torch.where(nonempty, torch.log(denominator) + row_max, _NEG_INF)
     return layout.scatter(out, 0.0), layout.scatter(lse, _NEG_INF).squeeze(-1)
 
 
-def _size_oblivious() -> contextlib.AbstractContextManager:
-    """Trace with a symbolic N without guarding on the number of segments being 1.
+def size_oblivious() -> contextlib.AbstractContextManager:
+    """Trace or lower with a symbolic N without specialising on the number of segments being 1.
 
     With a symbolic N the number of segments S = ceil(N / w) is symbolic too and may be 1, and
     reshapes and contiguity checks would otherwise specialise the graph to S >= 2 (or S == 1)
     from the example input. Every operation here is correct for S == 1 as well (S is never
     broadcast against a size-1 dimension), so it can be traced size-obliviously, as
-    torch.onnx does for all of its decompositions."""
+    torch.onnx does for all of its decompositions. ``aot_compile`` lowers under it too: Inductor
+    reads sizes from the example input, and a package checks no guard at run time, so an
+    example with one segment would otherwise give code that is wrong for longer sequences."""
     config = torch.fx.experimental._config
     if hasattr(config, "backed_size_oblivious"):
         return config.patch(backed_size_oblivious=True)
@@ -306,7 +319,7 @@ def dilated_attention_decomposition(
         >>> q = k = v = torch.randn(1, 4, 100, 16)
         >>> out, lse = dilated_attention_decomposition(q, k, v, [32, 64], [1, 2], "mixture", True, None)
     """
-    with _size_oblivious():
+    with size_oblivious():
         return _forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale)
 
 
@@ -366,7 +379,7 @@ def dilated_attention_backward_decomposition(
         >>> dq, dk, dv = dilated_attention_backward_decomposition(
         ...     torch.ones_like(out), q, k, v, out, lse, None, *args)
     """
-    with _size_oblivious():
+    with size_oblivious():
         return _backward(
             grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_rates, mode,
             is_causal, scale,
@@ -401,14 +414,15 @@ def _backward(
             layout = _Layout(block, seq_len, q.device)
             qr, kr, vr = layout.gather(qc), layout.gather(kc), layout.gather(vc)
             dor = layout.gather(doc)
-            scores = torch.matmul(qr, kr.transpose(-1, -2)) * scale
+            scores = _rows_matmul(qr, kr.transpose(-1, -2)) * scale
             scores = torch.where(layout.mask(is_causal), scores, _NEG_INF)
             p = torch.exp(scores - layout.gather(lse))
-            dp = torch.matmul(dor, vr.transpose(-1, -2))
+            dp = _rows_matmul(dor, vr.transpose(-1, -2))
             ds = p * (dp - layout.gather(delta)) * scale
-            dqs.append(layout.scatter(torch.matmul(ds, kr), 0.0))
-            dks.append(layout.scatter(torch.matmul(ds.transpose(-1, -2), qr), 0.0))
-            dvs.append(layout.scatter(torch.matmul(p.transpose(-1, -2), dor), 0.0))
+            dqs.append(layout.scatter(_rows_matmul(ds, kr), 0.0))
+            # dK = dS^T Q and dV = P^T dO, as (Q^T dS)^T and (dO^T P)^T: see _rows_matmul.
+            dks.append(layout.scatter(_rows_matmul(qr.transpose(-1, -2), ds).transpose(-1, -2), 0.0))
+            dvs.append(layout.scatter(_rows_matmul(dor.transpose(-1, -2), p).transpose(-1, -2), 0.0))
         for parts, pieces in ((dq_parts, dqs), (dk_parts, dks), (dv_parts, dvs)):
             parts.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
     if mode == "head_groups":  # configs hold disjoint heads, in order

@@ -6,13 +6,19 @@ in it may call an op defined in Python:
 
 - on CPU the dilated op runs its PyTorch implementation, a Python custom op, so the op is
   replaced by its decomposition into aten ops first (``decompose=True``, the default on CPU);
-- on CUDA the op's Triton kernels are meant to be compiled into the package (``decompose=False``,
-  the default on CUDA; ``decompose=True`` gives Inductor-generated kernels instead). CUDA packages
-  are not verified yet: building one with the kernels crashed on torch 2.11 (docs/export.md).
+- on CUDA the op's Triton kernels are compiled into the package (``decompose=False``, the
+  default on CUDA; ``decompose=True`` gives Inductor-generated kernels instead).
 
-Either way the finished package is checked: if it would call a ``dilated_compile::`` op at run
-time (a case the kernels do not cover, e.g. float64 or an unsupported head dim on CUDA), the
-package is deleted and an error says to pass ``decompose=True``.
+The finished package is checked twice, and deleted with an error if either check fails:
+
+- it must not call a ``dilated_compile::`` op at run time (a case the kernels do not cover, e.g.
+  float64 or an unsupported head dim on CUDA): pass ``decompose=True``;
+- it must be valid for the whole exported range. A package checks only that range at run time,
+  not the guards Inductor adds from the example input's sizes; the graph is lowered
+  size-obliviously, and a package whose range Inductor narrowed anyway is refused.
+
+AOTInductor compiles C++ with ``$CXX`` (default ``g++``); see docs/export.md, "Troubleshooting",
+for packages that crash when loaded.
 """
 
 from __future__ import annotations
@@ -93,7 +99,8 @@ def aot_compile(
         kwargs, dynamic_shapes, strict: passed to ``dilated_compile.export`` for a module.
         decompose: replace the dilated ops by their aten decomposition before compiling.
             None (default): True on CPU, False on CUDA (the op's Triton kernels are packaged).
-        inductor_configs: passed to ``torch._inductor.aoti_compile_and_package``.
+        inductor_configs: passed to ``torch._inductor.aoti_compile_and_package``, e.g.
+            ``{"cpp.cxx": "g++-12"}`` to choose the C++ compiler.
 
     Returns:
         The package path. Load it with ``torch._inductor.aoti_load_package(path)``; the loaded
@@ -101,8 +108,10 @@ def aot_compile(
         exported range) and returns the same outputs.
 
     Raises:
-        RuntimeError: when the package would call a ``dilated_compile::`` op at run time (then
-            it is deleted); pass ``decompose=True``.
+        RuntimeError: when the package would call a ``dilated_compile::`` op at run time (pass
+            ``decompose=True``), or when Inductor specialised it to part of a dynamic
+            dimension's range (export from another example, e.g. one longer than the largest
+            segment); the package is deleted.
 
     Example::
 

@@ -67,11 +67,11 @@ def _input_dims(program: ExportedProgram) -> tuple[Any, dict[Any, str]]:
     return env, names
 
 
-def _narrowed_ranges(program: ExportedProgram, before: dict[Any, Any], env: Any) -> list[str]:
+def _narrowed_ranges(names: dict[Any, str], before: dict[Any, Any], env: Any) -> list[str]:
     """Dynamic dimensions whose range AOTInductor narrowed while compiling (it adds guards from
     the example input's sizes; a package checks only the exported ranges at run time)."""
     narrowed = []
-    for symbol, name in _input_dims(program)[1].items():
+    for symbol, name in names.items():
         old, new = before.get(symbol), env.var_to_range.get(symbol)
         if old is not None and new is not None and (new.lower > old.lower or new.upper < old.upper):
             narrowed.append(f"{name} in [{new.lower}, {new.upper}] (exported as [{old.lower}, {old.upper}])")
@@ -137,13 +137,13 @@ def aot_compile(
     # Size-obliviously: Inductor takes sizes from the example input, and a package checks no
     # guard at run time, so a size that is 1 there (the decomposition's number of segments,
     # when the example is no longer than a segment) must not be specialised on.
-    env, _ = _input_dims(program)
+    env, names = _input_dims(program)
     before = dict(env.var_to_range) if env is not None else {}
     with size_oblivious():
         path = torch._inductor.aoti_compile_and_package(
             program, package_path=package_path, inductor_configs=inductor_configs
         )
-    narrowed = _narrowed_ranges(program, before, env) if env is not None else []
+    narrowed = _narrowed_ranges(names, before, env) if env is not None else []
     if narrowed:
         os.remove(path)
         raise RuntimeError(

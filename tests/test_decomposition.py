@@ -157,6 +157,51 @@ def test_one_graph_serves_every_sequence_length():
         torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
 
 
+def _symbolic_sizes_of_one(program) -> list[str]:
+    """Tensors of the graph with a symbolic size whose example value is 0 or 1."""
+    found = []
+    for node in program.graph.nodes:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        for size in value.shape:
+            if isinstance(size, torch.SymInt) and size.node.hint in (0, 1):
+                found.append(f"{node.format_node()}: {size} = {size.node.hint}")
+    return found
+
+
+@pytest.mark.parametrize("example_len", [5, 12, 29])
+def test_no_symbolic_size_is_one_in_the_example(example_len):
+    """Compilers read sizes from the example input, and a size of 1 there gets specialised on
+    (torch 2.11's Inductor guards S == 1 when reshaping [S * w] to [S, w]; an AOTInductor package
+    never checks that guard). Traced from an example no longer than a segment, the layout carries
+    a spare segment, so the number of segments is never 1: forward and backward."""
+    args = ([8, 12], [1, 3], "mixture", True, None)
+    seq = torch.export.Dim("seq", min=1, max=1024)
+    q, k, v = _inputs(4, 2, example_len, 8, 8, dtype=torch.float32)
+    shapes = {name: {2: seq} for name in ("q", "k", "v")}
+    program = torch.export.export(_Op(args), (q, k, v), dynamic_shapes=shapes, strict=False)
+    program = program.run_decompositions(dilated_attention_decompositions())
+    assert not _symbolic_sizes_of_one(program)
+
+    out, lse = dilated_attention_op(q, k, v, *args)
+    grad_out = torch.randn_like(out)
+    backward_shapes = (*({2: seq} for _ in range(5)), {2: seq})
+    program = torch.export.export(
+        _BackwardOp(args), (grad_out, q, k, v, out, lse), dynamic_shapes=backward_shapes,
+        strict=False,
+    )
+    program = program.run_decompositions(dilated_attention_decompositions())
+    assert not _symbolic_sizes_of_one(program)
+    for n in (1, 8, 13, 40):
+        inputs = _inputs(4, 2, n, 8, 8, dtype=torch.float32, seed=n)
+        out, lse = dilated_attention_op(*inputs, *args)
+        grad_out = torch.randn_like(out)
+        want = dilated_attention_backward_op(grad_out, *inputs, out, lse, None, *args)
+        for a, b in zip(program.module()(grad_out, *inputs, out, lse), want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_backward_op_decomposes_with_the_table():
     args = ([8, 16], [1, 2], "mixture", False, None)
     q, k, v = _inputs(4, 4, 40, 8, 8, dtype=torch.float32)

@@ -24,6 +24,8 @@ ONNX) and needs no guard on it. When ``N`` is a concrete int, segments are ``min
 in the definition. When ``N`` is symbolic they are ``w`` long: for ``N < w`` the one segment
 ``[0, N)`` is padded to ``w`` positions, which gives the same pattern (every position lies in
 segment 0 at local index ``p`` either way) at the cost of one full segment.
+Traced from an example no longer than a segment, a config also carries one spare, fully padded
+segment, so that the number of segments is never 1 in the example (see ``_spare_segments``).
 """
 
 from __future__ import annotations
@@ -109,6 +111,22 @@ def _head_blocks(
     return blocks
 
 
+def _spare_segments(seq_len, w: int) -> int:
+    """1 when ``seq_len`` is symbolic and its example value (the hint) fits in one segment of
+    ``w``, else 0: the number of extra, fully padded segments the layout carries.
+
+    Compilers read sizes from the example input. With one segment there, the number of segments
+    S has example value 1, and torch 2.11's Inductor, matching ``[S * w] -> [S, w]`` reshapes by
+    example sizes, proves ``S * w == w`` by guarding S == 1. An AOTInductor package checks no
+    such guard at run time, so it would be wrong (or read out of bounds) for longer sequences.
+    A spare segment keeps S >= 2 for every length, so no size is ever 1; it costs one segment of
+    padded work per config, paid only by graphs traced from an example that short."""
+    if isinstance(seq_len, int):
+        return 0
+    hint = getattr(seq_len.node, "hint", None)
+    return 1 if hint is None or hint <= w else 0
+
+
 class _Layout:
     """Moves ``[B, H, N, F]`` tensors of one head block to its dilated rows
     ``[B, repeats, group, segments, rows, F]`` and back.
@@ -127,25 +145,30 @@ class _Layout:
         self.w = min(w, seq_len) if isinstance(seq_len, int) else w
         self.r = block.rate
         self.rows = -(-self.w // self.r)  # ceil(w / r)
-        # ceil(N / w), as (N + (w - 1)) // w: no symbolic subtraction in the graph.
-        self.segments = (seq_len + (self.w - 1)) // self.w
-        # Each row's position, or -1 for rows that pad a segment to rows * r: [group, S, rows].
-        # A row is a real position when 0 <= position < N.
-        positions = torch.arange(self.segments * self.w, device=device).unsqueeze(-1)
-        position = self._rows(positions, (), pad_value=-1).squeeze(-1)
-        self.valid = (position >= 0) & (position < seq_len)
+        self.spare = _spare_segments(seq_len, self.w)
+        # ceil(N / w) + spare, as (N + (w - 1 + spare * w)) // w: no symbolic subtraction in
+        # the graph.
+        self.segments = (seq_len + (self.w - 1 + self.spare * self.w)) // self.w
+        # Whether each row is a real position: [group, S, rows]. Row j of offset o in segment s
+        # is position s * w + j * r + o; rows past w pad the segment to rows * r. Computed
+        # directly, with no reshape of a symbolic size.
+        first, group = block.first_offset, block.group
+        local = torch.arange(self.rows, device=device) * self.r + (
+            torch.arange(group, device=device) + first
+        ).unsqueeze(-1)  # [group, rows], static
+        starts = torch.arange(self.segments, device=device) * self.w  # [S]
+        position = starts.unsqueeze(-1) + local.unsqueeze(1)  # [group, S, rows]
+        self.valid = (local < self.w).unsqueeze(1) & (position < seq_len)
 
-    def _rows(self, x: Tensor, lead: tuple, pad_value: float = 0.0) -> Tensor:
-        """[*lead, S * w, F] -> [*lead[:-1], group, S, rows, F] (``lead`` ends with ``group``
-        when not empty, the group axis being chosen per offset; else a group axis is added)."""
+    def _rows(self, x: Tensor, lead: tuple) -> Tensor:
+        """[*lead, S * w, F] -> [*lead[:-1], group, S, rows, F] (``lead`` ends with ``group``,
+        the group axis being chosen per offset)."""
         features = x.shape[-1]
         x = x.reshape(*lead, self.segments, self.w, features)
         if self.rows * self.r != self.w:
-            x = torch.nn.functional.pad(x, (0, 0, 0, self.rows * self.r - self.w), value=pad_value)
+            x = torch.nn.functional.pad(x, (0, 0, 0, self.rows * self.r - self.w))
         x = x.reshape(*lead, self.segments, self.rows, self.r, features)
         first, group = self.block.first_offset, self.block.group
-        if not lead:
-            return torch.stack([x[:, :, first + i] for i in range(group)])
         # One slice of the r axis per offset, stacked: a contiguous copy of N / r rows per head.
         picked = [x.select(len(lead) - 1, i)[..., first + i, :] for i in range(group)]
         return torch.stack(picked, dim=len(lead) - 1)
@@ -161,7 +184,7 @@ class _Layout:
             # A static pad, then the first S * w rows by index_select: a slice there would make
             # later shapes depend on min(N + w - 1, S * w), and a pad by S * w - N would put a
             # subtraction of symbolic sizes in the graph (Torch-TensorRT converts none).
-            x = torch.nn.functional.pad(x, (0, 0, 0, self.w - 1))
+            x = torch.nn.functional.pad(x, (0, 0, 0, (1 + self.spare) * self.w - 1))
             x = x.index_select(2, torch.arange(self.segments * self.w, device=x.device))
         lead = (x.shape[0], b.repeats, b.group)
         return self._rows(x.reshape(*lead, self.segments * self.w, x.shape[-1]), lead)

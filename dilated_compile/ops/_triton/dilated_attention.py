@@ -45,6 +45,14 @@ def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
 
+def _launcher(kernel):
+    """``wrap_triton(kernel)``: what torch.compile and torch.export trace a launch through.
+    Under ``TRITON_INTERPRET=1`` (eager only: the interpreter does not mix with tracing) the
+    kernel is launched as it is, because torch 2.11's ``wrap_triton`` cannot unwrap the
+    interpreter's kernels (it expects a ``JITFunction`` under the autotuner)."""
+    return kernel if _interpreting() else wrap_triton(kernel)
+
+
 def _autotuning() -> bool:
     """``DILATED_COMPILE_AUTOTUNE=0`` keeps each kernel to its first (default) config: no
     tuning runs at the first call of each shape class, for a fast start (tests, debugging)."""
@@ -483,7 +491,7 @@ def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale):
         grid = lambda meta, rows=max_rows, segs=num_segments, heads=batch * launch.head_count: (
             triton.cdiv(rows, meta["BLOCK_M"]), segs, heads,
         )
-        wrap_triton(_FWD[q.dtype == torch.float32])[grid](
+        _launcher(_FWD[q.dtype == torch.float32])[grid](
             q, k, v, acc, lse,
             *q.stride(), *k.stride(), *v.stride(), *acc.stride(), *lse.stride(),
             seq_len, launch.head_lo, launch.head_count, num_heads // k.shape[1], w, launch.rate,
@@ -507,7 +515,7 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
     delta = torch.empty(batch, num_heads, seq_len, device=q.device, dtype=torch.float32)
     lse_grad = grad_lse if grad_lse is not None else lse  # any tensor; unread without grad_lse
     delta_block = 64 if not _interpreting() else 16
-    wrap_triton(dilated_attention_bwd_delta_kernel)[
+    _launcher(dilated_attention_bwd_delta_kernel)[
         (triton.cdiv(seq_len, delta_block), batch * num_heads)
     ](
         out, grad_out, lse_grad, delta,
@@ -547,7 +555,7 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
         grid = lambda meta, rows=max_rows, segs=num_segments, heads=batch * launch.head_count: (
             triton.cdiv(rows, meta["BLOCK_M"]), segs, heads,
         )
-        wrap_triton(_DQ[q.dtype == torch.float32])[grid](
+        _launcher(_DQ[q.dtype == torch.float32])[grid](
             q, k, v, grad_out, lse, delta, dq, *strides,
             seq_len, num_heads, launch.head_lo, launch.head_count, kv_group, w, launch.rate,
             launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
@@ -559,7 +567,7 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
         kv_grid = lambda meta, rows=max_rows, segs=num_segments, progs=batch * kv_count * num_offsets: (
             triton.cdiv(rows, meta["BLOCK_N"]), segs, progs,
         )
-        wrap_triton(_DKDV[q.dtype == torch.float32])[kv_grid](
+        _launcher(_DKDV[q.dtype == torch.float32])[kv_grid](
             q, k, v, grad_out, lse, delta, dk, dv, *strides,
             seq_len, num_heads, num_kv_heads, kv_lo, kv_count, num_offsets, launch.head_lo,
             launch.head_count, kv_group, w, launch.rate, launch.fixed_offset, scale * LOG2E,

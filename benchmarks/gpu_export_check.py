@@ -15,6 +15,7 @@ Prints a table; exits non-zero if a check fails. Usage, from the repository root
     python benchmarks/gpu_export_check.py                          # float32 and bfloat16
     python benchmarks/gpu_export_check.py --dtypes float32 --out /tmp/report
     python benchmarks/gpu_export_check.py --cxx g++-12    # C++ compiler for the packages
+    python benchmarks/gpu_export_check.py --examples 1000 3000    # export from each length
 
 ``--cxx`` sets Inductor's ``cpp.cxx`` through ``aot_compile(inductor_configs=...)``; without it the
 ``CXX`` environment variable (or ``g++``) is used. See "Troubleshooting" in docs/export.md.
@@ -51,6 +52,7 @@ TOLERANCES = {torch.float32: 2e-3, torch.bfloat16: 1e-1, torch.float16: 2e-2}
 class Experiment:
     target: str  # "aoti-kernels", "aoti-decomp" or "tensorrt"
     dtype: torch.dtype
+    example: int  # length of the example input the model is exported from
 
 
 @dataclasses.dataclass
@@ -123,11 +125,12 @@ def _check_package(package: str, model, workdir: str) -> tuple[float, str]:
 
 def run_experiment(experiment: Experiment, workdir: str) -> Result:
     model = _model(experiment.dtype)
-    example = (_tokens(1000),)
+    example = (_tokens(experiment.example),)
     result = Result(experiment, "ok")
     start = time.perf_counter()
     if experiment.target.startswith("aoti"):
-        path = os.path.join(workdir, f"{experiment.target}-{str(experiment.dtype)[6:]}.pt2")
+        name = f"{experiment.target}-{str(experiment.dtype)[6:]}-{experiment.example}"
+        path = os.path.join(workdir, name + ".pt2")
         package = dilated_compile.aot_compile(
             model, example, path, dynamic_shapes=_dynamic_shapes(),
             decompose=experiment.target == "aoti-decomp",
@@ -168,17 +171,17 @@ def _print_table(results: list[Result]) -> None:
     cxx = CXX or torch._inductor.config.cpp.cxx[-1]
     print(f"\ntorch {torch.__version__}, {device}, C++ compiler {cxx}, "
           f"lengths {LENGTHS} (timed at {LENGTHS[-1]})")
-    header = f"{'target':14} {'dtype':9} {'status':10} {'build s':>8} {'max err':>10} " \
+    header = f"{'target':14} {'dtype':9} {'example':>7} {'status':10} {'build s':>8} {'max err':>10} " \
              f"{'eager ms':>9} {'artefact ms':>12} {'MB':>6}"
     print(header)
     print("-" * len(header))
     for r in results:
         e = r.experiment
-        print(f"{e.target:14} {str(e.dtype)[6:]:9} {r.status[:10]:10} {r.build_s:8.1f} "
+        print(f"{e.target:14} {str(e.dtype)[6:]:9} {e.example:7} {r.status[:10]:10} {r.build_s:8.1f} "
               f"{r.max_error:10.2e} {r.eager_ms:9.2f} {r.artefact_ms:12.2f} {r.size_mb:6.1f}")
     for r in results:
         if r.status != "ok":
-            print(f"{r.experiment.target} {r.experiment.dtype}: {r.status} {r.detail}")
+            print(f"{r.experiment.target} {r.experiment.dtype} {r.experiment.example}: {r.status} {r.detail}")
 
 
 def main() -> int:
@@ -190,20 +193,22 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
     parser.add_argument("--cxx", help="C++ compiler for AOTInductor packages, e.g. g++-12")
+    parser.add_argument("--examples", nargs="+", type=int, default=[1000],
+                        help="lengths of the example inputs to export from (one build each)")
     options = parser.parse_args()
     DEVICE, LENGTHS, CXX = options.device, tuple(options.lengths), options.cxx
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA device (or --device cpu for a smoke run)")
         return 2
     experiments = [
-        Experiment(target, getattr(torch, dtype))
-        for dtype in options.dtypes for target in options.targets
+        Experiment(target, getattr(torch, dtype), example)
+        for dtype in options.dtypes for target in options.targets for example in options.examples
         if not (target == "aoti-decomp" and dtype != "float32")  # one decomposed build suffices
     ]
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for experiment in experiments:
-            print(f"running {experiment.target} {experiment.dtype} ...", flush=True)
+            print(f"running {experiment.target} {experiment.dtype} from {experiment.example} tokens ...", flush=True)
             try:
                 results.append(run_experiment(experiment, workdir))
             except Exception as error:  # report every experiment, then fail
@@ -214,7 +219,7 @@ def main() -> int:
         os.makedirs(options.out, exist_ok=True)
         with open(os.path.join(options.out, "report.json"), "w") as f:
             json.dump([{**dataclasses.asdict(r), "experiment": {"target": r.experiment.target,
-                        "dtype": str(r.experiment.dtype)}} for r in results], f, indent=1)
+                        "dtype": str(r.experiment.dtype), "example": r.experiment.example}} for r in results], f, indent=1)
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
 

@@ -64,10 +64,25 @@ def test_annotation_kept_and_rewritten_on_the_exported_graph(strict):
     assert targets.count(torch.ops.aten.scaled_dot_product_attention.default) == 1
     (rewrite,) = program.graph_module.meta[REWRITES_META_KEY]
     assert rewrite.spec == SPEC
+    assert rewrite.source.startswith("test_export.py:") and rewrite.source.endswith("in forward")
     (node,) = [n for n in program.graph.nodes if n.target is dilated_attention_op]
     assert node.args[3:] == ([8, 16], [1, 2], "mixture", True, None)
     for n in (5, 16, 37, 50):  # one program, any sequence length
         torch.testing.assert_close(program.module()(_x(n, seed=n)), model(_x(n, seed=n)))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_rewrite_names_the_model_line_for_the_library_modules(strict):
+    """The source of a rewrite is a line of model code, here the library's own module, never
+    PyTorch's export wrappers (which strict export puts innermost outside the library)."""
+    from dilated_compile.nn import MultiheadDilatedAttention
+
+    model = MultiheadDilatedAttention(32, 4, segment_lengths=(8, 16), dilation_rates=(1, 2),
+                                      batch_first=True).eval()
+    x = _x()
+    program = dilated_compile.export(model, (x, x, x), strict=strict)
+    (rewrite,) = program.graph_module.meta[REWRITES_META_KEY]
+    assert rewrite.source.split(":")[0] in {"attention.py", "multihead.py"}, rewrite.source
 
 
 def test_run_decompositions_keeps_the_op_unless_asked():

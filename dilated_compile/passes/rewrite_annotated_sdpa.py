@@ -48,13 +48,24 @@ class Rewrite:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MODULES_DIR = os.path.join(_PACKAGE_DIR, "nn")
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _is_model_code(filename: str) -> bool:
+    """Frames of the model: not PyTorch's (export's own wrappers appear in strict traces), not
+    this library's machinery (the annotation); this library's modules count as model code."""
+    path = os.path.abspath(filename)
+    if path.startswith(_MODULES_DIR + os.sep):
+        return True
+    return not path.startswith((_PACKAGE_DIR + os.sep, _TORCH_DIR + os.sep))
 
 
 def _user_source(node: torch.fx.Node) -> str:
-    """The innermost frame of the node's stack trace outside this package."""
+    """The innermost frame of the node's stack trace in model code: the SDPA call's line."""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', node.meta.get("stack_trace") or "")
     for filename, line, function in reversed(frames):
-        if not os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+        if _is_model_code(filename):
             return f"{os.path.basename(filename)}:{line} in {function}"
     return ""
 

@@ -135,8 +135,8 @@ def aot_compile(
     if decompose and dilated_op_nodes(program):
         program = program.run_decompositions(dilated_attention_decompositions())
     # Size-obliviously: Inductor takes sizes from the example input, and a package checks no
-    # guard at run time, so a size that is 1 there (the decomposition's number of segments,
-    # when the example is no longer than a segment) must not be specialised on.
+    # guard at run time, so a symbolic size that is 1 there must not be specialised on (the
+    # decomposition avoids such sizes with a spare segment; other parts of a model may not).
     env, names = _input_dims(program)
     before = dict(env.var_to_range) if env is not None else {}
     with size_oblivious():

@@ -22,6 +22,7 @@ Importing the package registers the ``torch.ops.dilated_compile.*`` ops and the
 from . import nn, ops, tensorrt  # noqa: F401 (nn: not in __all__, so `import *` never shadows torch.nn)
 from .annotation import dilated
 from .aot import aot_compile
+from .apply_specs import AppliedSpecs, apply, register_region
 from .backend import compile
 from .explain import ExplainReport, explain
 from .export import export
@@ -33,16 +34,19 @@ from .spec import DilatedSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "AppliedSpecs",
     "DilatedSpec",
     "ExplainReport",
     "GraphBreakInDilatedRegionWarning",
     "aot_compile",
+    "apply",
     "compile",
     "dilated",
     "dilated_attention",
     "explain",
     "export",
     "ops",
+    "register_region",
     "tensorrt",
     "to_onnx",
 ]

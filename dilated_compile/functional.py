@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from .ops import dilated_attention_op
-from .ops._checks import check_attention_inputs
+from .ops._checks import (
+    check_attention_inputs,
+    check_attn_mask,
+    check_attn_mask_grad,
+    check_sdpa_mask_and_causal,
+)
 from .spec import DilatedSpec
 
 
@@ -15,6 +20,7 @@ def dilated_attention(
     value: torch.Tensor,
     spec: DilatedSpec,
     *,
+    attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
@@ -22,18 +28,24 @@ def dilated_attention(
     """Dilated attention (LongNet) of ``query`` over ``key``/``value``.
 
     Args:
-        query: ``[B, Hq, N, D]``.
-        key: ``[B, Hkv, N, D]``; ``Hq % Hkv == 0``, query head ``h`` uses kv head
+        query: ``[B, Hq, Nq, D]``; ``Nq <= Nk``: query ``i`` stands at position ``Nk - Nq + i``
+            of the key sequence (the KV-cache convention), so the rows equal the last ``Nq``
+            rows of the full forward.
+        key: ``[B, Hkv, Nk, D]``; ``Hq % Hkv == 0``, query head ``h`` uses kv head
             ``h // (Hq // Hkv)`` (needs ``enable_gqa=True`` when ``Hkv != Hq``).
-        value: ``[B, Hkv, N, Dv]``.
+        value: ``[B, Hkv, Nk, Dv]``.
         spec: the pattern (``DilatedSpec``).
-        is_causal: keep only keys at or before the query position.
+        attn_mask: bool (True = keep) or float (added to the scores), broadcastable to
+            ``[B, Hq, Nq, Nk]``, applied on top of the pattern (it only removes pairs or shifts
+            scores); no gradient flows to it. Not together with ``is_causal``.
+        is_causal: keep only keys at or before the query's position (aligned bottom-right
+            when ``Nq < Nk``, like ``torch.nn.attention.bias.causal_lower_right``).
         scale: score scale; ``1/sqrt(D)`` when None.
         enable_gqa: allow fewer key/value heads than query heads.
 
     Returns:
-        ``[B, Hq, N, Dv]`` in ``query.dtype``. Rows that attend no key (possible when every
-        config dilates a head's row away) are 0.
+        ``[B, Hq, Nq, Dv]`` in ``query.dtype``. Rows that attend no key (every config dilates
+        a head's row away, or the mask removes every kept key) are 0.
 
     Example::
 
@@ -41,13 +53,20 @@ def dilated_attention(
         >>> q = k = v = torch.randn(2, 4, 100, 16)
         >>> dilated_attention(q, k, v, spec, is_causal=True).shape
         torch.Size([2, 4, 100, 16])
+        >>> keep = torch.ones(2, 1, 1, 100, dtype=torch.bool)
+        >>> keep[1, ..., :30] = False                          # left padding of the second row
+        >>> dilated_attention(q, k, v, spec, attn_mask=keep).shape
+        torch.Size([2, 4, 100, 16])
     """
     if not isinstance(spec, DilatedSpec):
         raise TypeError(f"spec must be a DilatedSpec, got {type(spec).__name__}: {spec!r}")
     check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
+    check_attn_mask(attn_mask, query, key)
+    check_sdpa_mask_and_causal(attn_mask, is_causal)
+    check_attn_mask_grad(attn_mask)
     spec.check_num_heads(query.shape[1])
     out, _ = dilated_attention_op(
         query, key, value, list(spec.segment_lengths), list(spec.dilation_rates), spec.mode,
-        is_causal, scale,
+        is_causal, scale, attn_mask,
     )
     return out

@@ -16,8 +16,8 @@ import warnings
 
 import torch.fx
 
-from .annotation import dilated
-from .spec import DilatedSpec
+from .annotation import AttentionRegion
+from .attention_family import describe, family_of_payload
 
 
 class GraphBreakInDilatedRegionWarning(UserWarning):
@@ -35,21 +35,26 @@ def _open_regions_at_break() -> list[str]:
     regions = []
     for variable in state.mode_stack:
         mode = getattr(variable, "value", None)
-        if isinstance(mode, dilated):
+        if isinstance(mode, AttentionRegion):
             regions.append(_describe(tx, variable, mode))
     return regions
 
 
-def _describe(tx, variable, mode: dilated) -> str:
-    """``dilated(<spec>)`` for a mode; a mode opened inside the traced code is not initialised
-    yet (Dynamo replays its attributes later), so read the attribute Dynamo recorded for it."""
+def _describe(tx, variable, mode: AttentionRegion) -> str:
+    """``dilated(<spec>)`` (or another family's region) for a mode; a mode opened inside the
+    traced code is not initialised yet (Dynamo replays its attributes later), so read the payload
+    Dynamo recorded for it."""
     if "spec" in vars(mode):
-        return f"dilated({mode.spec})"
+        return describe(mode.spec)
     try:
         payload = tx.output.side_effects.load_attr(variable, "payload").as_python_constant()
-        return f"dilated({DilatedSpec.from_json(payload)})"
+        family = family_of_payload(payload)
     except Exception:  # Dynamo internals differ between versions; the location still helps
-        return "dilated(...)"
+        return f"{type(mode).__name__}(...)"
+    try:
+        return describe(family.from_json(payload, None))
+    except ValueError:  # a spec with a tensor (a layout) the payload only announces
+        return f"{family.region_name}({payload})"
 
 
 def graph_break_in_region(gm: torch.fx.GraphModule) -> str | None:

@@ -9,9 +9,12 @@
   ``dilated_compile`` (opset version 1), for runtimes that bring their own kernel:
 
   ========================  =================================================================
-  inputs                    ``query`` [B, Hq, N, D], ``key`` [B, Hkv, N, D], ``value``
-                            [B, Hkv, N, Dv]; float16, bfloat16, float or double
-  outputs                   ``output`` [B, Hq, N, Dv] (the inputs' type), ``lse`` [B, Hq, N]
+  inputs                    ``query`` [B, Hq, Nq, D], ``key`` [B, Hkv, Nk, D], ``value``
+                            [B, Hkv, Nk, Dv] (Nq <= Nk: query i is position Nk - Nq + i);
+                            float16, bfloat16, float or double; optional ``attn_mask``
+                            broadcastable to [B, Hq, Nq, Nk], bool (true = keep) or float
+                            (added to the scores), present only when the call passed one
+  outputs                   ``output`` [B, Hq, Nq, Dv] (the inputs' type), ``lse`` [B, Hq, Nq]
                             (float; double for double inputs)
   ``segment_lengths``       ints, ``w_i``
   ``dilation_rates``        ints, ``r_i``
@@ -66,18 +69,26 @@ def _custom_op():
         CUSTOM_OP_TYPE, CUSTOM_DOMAIN, CUSTOM_DOMAIN_VERSION,
         "Dilated attention (LongNet) with the semantics of torch.ops.dilated_compile.dilated_attention.",
         inputs=[
-            param("query", "T", "[B, Hq, N, D]"),
-            param("key", "T", "[B, Hkv, N, D]"),
-            param("value", "T", "[B, Hkv, N, Dv]"),
+            param("query", "T", "[B, Hq, Nq, D]"),
+            param("key", "T", "[B, Hkv, Nk, D]"),
+            param("value", "T", "[B, Hkv, Nk, Dv]"),
+            param(
+                "attn_mask", "M",
+                "broadcastable to [B, Hq, Nq, Nk]: bool (true = keep) or float (added to the "
+                "scores), applied on top of the pattern",
+                param_option=schema.FormalParameterOption.Optional,
+            ),
         ],
         outputs=[
-            param("output", "T", "[B, Hq, N, Dv]"),
-            param("lse", "L", "[B, Hq, N], the log-sum-exp of each row (-inf: no key)"),
+            param("output", "T", "[B, Hq, Nq, Dv]"),
+            param("lse", "L", "[B, Hq, Nq], the log-sum-exp of each row (-inf: no key)"),
         ],
         type_constraints=[
             ("T", ["tensor(float16)", "tensor(bfloat16)", "tensor(float)", "tensor(double)"],
              "inputs and output"),
             ("L", ["tensor(float)", "tensor(double)"], "log-sum-exp"),
+            ("M", ["tensor(bool)", "tensor(float16)", "tensor(bfloat16)", "tensor(float)",
+                   "tensor(double)"], "attention mask"),
         ],
         attributes=[
             attribute("segment_lengths", kind.INTS, "segment length w_i of each config"),
@@ -94,7 +105,8 @@ def _custom_op():
 def _custom_translation_table() -> dict:
     node = _custom_op()
 
-    def dilated_attention(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale=None):
+    def dilated_attention(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale=None,
+                          attn_mask=None):
         if scale is None:
             head_dim = q.shape[-1] if q.shape is not None else None
             if not isinstance(head_dim, int):
@@ -103,8 +115,9 @@ def _custom_translation_table() -> dict:
                     f"head dim of {q.name} is not a number ({head_dim}); pass scale=... to SDPA"
                 )
             scale = 1.0 / math.sqrt(head_dim)
+        inputs = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
         return node(
-            q, k, v, segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates),
+            *inputs, segment_lengths=list(segment_lengths), dilation_rates=list(dilation_rates),
             mode=mode, is_causal=int(is_causal), scale=float(scale),
         )
 

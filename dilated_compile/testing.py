@@ -23,6 +23,17 @@ With ``c[h, p, t]`` the number of configs under which ``p`` attends ``t`` for he
     lse_p = log sum_t c[p, t] exp(s_pt)
 
 A row with no key (``c[p, :] == 0``) has ``out_p = 0`` and ``lse_p = -inf``.
+
+Fewer queries than keys (``Nq <= Nk``, the KV-cache convention): the pattern is defined on the
+key sequence, ``N = Nk``, and query ``i`` stands at position ``Nk - Nq + i`` (so causal keeps the
+keys ``t <= Nk - Nq + i``). A mask ``attn_mask`` (broadcastable to ``[B, Hq, Nq, Nk]``, as in
+SDPA) is applied on top of the pattern: a bool mask (True = keep) removes pairs, a float mask is
+added to the scores::
+
+    out_p = sum_t c[p,t] keep[p,t] exp(s_pt + m_pt) v_t / sum_t c[p,t] keep[p,t] exp(s_pt + m_pt)
+
+A row left with no key (by the pattern or the mask, a float mask of ``-inf`` included) gives
+``out_p = 0``, ``lse_p = -inf`` and zero gradients.
 """
 
 from __future__ import annotations
@@ -51,24 +62,34 @@ def _head_configs(spec: DilatedSpec, num_heads: int) -> list[list[tuple[int, int
 
 
 def count_matrix(
-    spec: DilatedSpec, seq_len: int, num_heads: int, *, is_causal: bool = False
+    spec: DilatedSpec,
+    seq_len: int,
+    num_heads: int,
+    *,
+    is_causal: bool = False,
+    query_len: int | None = None,
 ) -> torch.Tensor:
     """How many configs of ``spec`` let each query attend each key.
 
     Args:
         spec: the dilated-attention pattern.
-        seq_len: the sequence length ``N`` (``>= 0``).
+        seq_len: the sequence length ``N`` (``>= 0``): the number of keys, on whose positions
+            the pattern is defined.
         num_heads: the number of query heads ``H`` (``>= 1``; ``mode="head_groups"`` needs
             ``H >= len(spec.configs)``).
-        is_causal: when True, query ``p`` only attends keys ``t <= p``.
+        is_causal: when True, a query at position ``P`` only attends keys ``t <= P``.
+        query_len: the number of queries ``Nq`` (``0 <= Nq <= N``; default ``N``). Query ``i``
+            stands at position ``P_i = N - Nq + i`` (the last ``Nq`` positions, as with a KV
+            cache).
 
     Returns:
-        ``torch.LongTensor`` of shape ``[H, N, N]`` (on the CPU): ``c[h, p, t]`` is the number of
-        configs under which query ``p`` attends key ``t`` for head ``h``.
+        ``torch.LongTensor`` of shape ``[H, Nq, N]`` (on the CPU): ``c[h, i, t]`` is the number
+        of configs under which query ``i`` attends key ``t`` for head ``h``.
 
     Raises:
         ValueError: when ``spec`` is not a ``DilatedSpec``, ``seq_len`` is negative,
-            ``num_heads`` is not positive, or ``head_groups`` has fewer heads than configs.
+            ``query_len`` is outside ``[0, seq_len]``, ``num_heads`` is not positive, or
+            ``head_groups`` has fewer heads than configs.
 
     Example::
 
@@ -78,6 +99,8 @@ def count_matrix(
                 [0, 1, 0, 1],
                 [0, 0, 0, 0],
                 [0, 1, 0, 1]])
+        >>> count_matrix(spec, 4, num_heads=2, query_len=1)[1]  # the row of position 3
+        tensor([[0, 1, 0, 1]])
     """
     if not isinstance(spec, DilatedSpec):
         raise ValueError(f"count_matrix: spec must be a DilatedSpec, got {spec!r}")
@@ -85,13 +108,18 @@ def count_matrix(
         raise ValueError(f"count_matrix: seq_len must be >= 0, got {seq_len}")
     if num_heads < 1:
         raise ValueError(f"count_matrix: num_heads must be >= 1, got {num_heads}")
+    n = int(seq_len)
+    nq = n if query_len is None else int(query_len)
+    if not 0 <= nq <= n:
+        raise ValueError(
+            f"count_matrix: query_len must be in [0, seq_len] = [0, {n}], got {query_len}"
+        )
     spec.check_num_heads(num_heads)
 
-    n = int(seq_len)
-    counts = torch.zeros(num_heads, n, n, dtype=torch.long)
-    if n == 0:
+    counts = torch.zeros(num_heads, nq, n, dtype=torch.long)
+    if n == 0 or nq == 0:
         return counts
-    p = torch.arange(n).view(n, 1)  # query positions, down the rows
+    p = torch.arange(n - nq, n).view(nq, 1)  # query positions, down the rows
     t = torch.arange(n).view(1, n)  # key positions, along the columns
     for h, configs in enumerate(_head_configs(spec, num_heads)):
         for segment_length, rate, offset in configs:
@@ -116,35 +144,44 @@ def dense_reference(
     scale: float | None = None,
     enable_gqa: bool = False,
     return_lse: bool = False,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention computed densely in float64, straight from the definition.
 
     Args:
-        q: ``[B, Hq, N, D]`` queries.
-        k: ``[B, Hkv, N, D]`` keys.
-        v: ``[B, Hkv, N, Dv]`` values.
+        q: ``[B, Hq, Nq, D]`` queries; query ``i`` stands at position ``Nk - Nq + i``.
+        k: ``[B, Hkv, Nk, D]`` keys (``Nq <= Nk``); the pattern is defined on ``N = Nk``.
+        v: ``[B, Hkv, Nk, Dv]`` values.
         spec: the dilated-attention pattern.
-        is_causal: when True, query ``p`` only attends keys ``t <= p``.
+        is_causal: when True, the query at position ``P`` only attends keys ``t <= P``
+            (bottom-right aligned when ``Nq < Nk``).
         scale: the softmax scale; ``None`` means ``1 / sqrt(D)``.
         enable_gqa: allow ``Hq != Hkv`` (grouped-query attention, as in
             ``torch.nn.functional.scaled_dot_product_attention``): ``Hq`` must be a multiple of
             ``Hkv`` and query head ``h`` uses kv head ``h // (Hq // Hkv)``.
         return_lse: also return the log-sum-exp of each row.
+        attn_mask: ``None``, or a mask broadcastable to ``[B, Hq, Nq, Nk]`` applied on top of
+            the pattern, as SDPA takes it: bool (True = keep the pair) or floating (added to the
+            score, ``-inf`` removes the pair). Computed in float64; it gets no gradient. It may
+            be combined with ``is_causal`` here (the ops refuse that combination).
 
     Returns:
-        ``out``: ``[B, Hq, N, Dv]`` float64, with
-        ``out_p = sum_t c[p,t] exp(s_pt) v_t / sum_t c[p,t] exp(s_pt)`` where ``c`` is
-        :func:`count_matrix` and ``s_pt = scale * q_p . k_t``. With ``return_lse=True``, the pair
-        ``(out, lse)``, ``lse`` of shape ``[B, Hq, N]`` float64,
-        ``lse_p = log sum_t c[p,t] exp(s_pt)``. Rows with no key give ``out_p = 0`` and
-        ``lse_p = -inf``.
+        ``out``: ``[B, Hq, Nq, Dv]`` float64, with
+        ``out_p = sum_t c[p,t] keep[p,t] exp(s_pt + m_pt) v_t / sum_t (the same weights)``
+        where ``c`` is :func:`count_matrix` (with ``query_len=Nq``), ``s_pt = scale * q_p . k_t``,
+        ``keep`` the bool mask (all True otherwise) and ``m`` the float mask (0 otherwise). With
+        ``return_lse=True``, the pair ``(out, lse)``, ``lse`` of shape ``[B, Hq, Nq]`` float64,
+        ``lse_p = log sum_t c[p,t] keep[p,t] exp(s_pt + m_pt)``. Rows with no key give
+        ``out_p = 0`` and ``lse_p = -inf``.
 
     The result is differentiable with respect to ``q``, ``k`` and ``v`` (also through ``lse``);
     rows with no key contribute exactly zero gradient and never produce NaN.
 
     Raises:
-        ValueError: on mismatched shapes, ``Hq != Hkv`` without ``enable_gqa``, ``Hq`` not a
-            multiple of ``Hkv``, or ``head_groups`` with fewer query heads than configs.
+        ValueError: on mismatched shapes, ``Nq > Nk``, ``Hq != Hkv`` without ``enable_gqa``,
+            ``Hq`` not a multiple of ``Hkv``, ``head_groups`` with fewer query heads than
+            configs, or a mask that does not broadcast to ``[B, Hq, Nq, Nk]``.
+        TypeError: on a mask that is neither bool nor floating.
 
     Example::
 
@@ -154,6 +191,10 @@ def dense_reference(
         >>> out, lse = dense_reference(q, k, v, spec, enable_gqa=True, return_lse=True)
         >>> out.shape, out.dtype, lse.shape
         (torch.Size([2, 4, 10, 32]), torch.float64, torch.Size([2, 4, 10]))
+        >>> padding = torch.tensor([[True] * 10, [True] * 7 + [False] * 3]).view(2, 1, 1, 10)
+        >>> last = dense_reference(q[:, :, -1:], k, v, spec, enable_gqa=True, attn_mask=padding)
+        >>> last.shape
+        torch.Size([2, 4, 1, 32])
     """
     if not isinstance(spec, DilatedSpec):
         raise ValueError(f"dense_reference: spec must be a DilatedSpec, got {spec!r}")
@@ -162,12 +203,17 @@ def dense_reference(
             raise ValueError(
                 f"dense_reference: {name} must have shape [B, H, N, D], got {tuple(x.shape)}"
             )
-    batch, q_heads, seq_len, head_dim = q.shape
-    kv_heads = k.shape[1]
-    if k.shape[0] != batch or k.shape[2] != seq_len or k.shape[3] != head_dim:
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, seq_len = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(
-            f"dense_reference: k must have shape [{batch}, Hkv, {seq_len}, {head_dim}] to match "
+            f"dense_reference: k must have shape [{batch}, Hkv, Nk, {head_dim}] to match "
             f"q {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if q_len > seq_len:
+        raise ValueError(
+            f"dense_reference: q has {q_len} positions but k only {seq_len}; the queries are "
+            "the last Nq <= Nk positions of the key sequence"
         )
     if tuple(v.shape[:3]) != tuple(k.shape[:3]):
         raise ValueError(
@@ -185,6 +231,19 @@ def dense_reference(
             "enable_gqa=True for grouped-query attention"
         )
     spec.check_num_heads(q_heads)
+    full_shape = (batch, q_heads, q_len, seq_len)
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(
+                f"dense_reference: attn_mask must be bool or floating, got {attn_mask.dtype}"
+            )
+        if attn_mask.dim() > 4 or any(
+            m not in (1, f) for m, f in zip(reversed(attn_mask.shape), reversed(full_shape))
+        ):
+            raise ValueError(
+                f"dense_reference: attn_mask must broadcast to [B, Hq, Nq, Nk] = "
+                f"{list(full_shape)}, got {tuple(attn_mask.shape)}"
+            )
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
 
@@ -197,21 +256,30 @@ def dense_reference(
         v64 = v64.repeat_interleave(group, dim=1)
     value_dim = v64.shape[-1]
 
-    if seq_len == 0:
+    if q_len == 0 or seq_len == 0:
         # Nothing to attend; keep the (empty) result connected to the inputs for autograd.
         anchor = (q64.sum() + k64.sum() + v64.sum()) * 0.0
-        out = anchor + q64.new_zeros(batch, q_heads, 0, value_dim)
-        lse = anchor + q64.new_zeros(batch, q_heads, 0)
+        out = anchor + q64.new_zeros(batch, q_heads, q_len, value_dim)
+        lse = anchor + q64.new_zeros(batch, q_heads, q_len)
         return (out, lse) if return_lse else out
 
-    counts = count_matrix(spec, seq_len, q_heads, is_causal=is_causal).to(q.device)
-    attends = counts > 0  # [Hq, N, N], broadcasts over the batch
-    log_counts = torch.where(attends, counts.to(f64).clamp_min(1).log(), -math.inf)
+    counts = count_matrix(spec, seq_len, q_heads, is_causal=is_causal, query_len=q_len)
+    attends = (counts > 0).to(q.device)  # [Hq, Nq, Nk], broadcasts over the batch
+    log_counts = counts.to(device=q.device, dtype=f64).clamp_min(1).log()
+    bias = torch.zeros((), dtype=f64, device=q.device)
+    if attn_mask is not None:
+        mask = attn_mask.detach().to(q.device)
+        if mask.dtype == torch.bool:
+            attends = attends & mask  # -> [B, Hq, Nq, Nk] (or a broadcast of it)
+        else:
+            bias = mask.to(f64)
+            attends = attends & (bias > -math.inf)  # -inf removes the pair
+    attends = attends.expand(full_shape)
 
-    scores = scale * torch.matmul(q64, k64.transpose(-2, -1))  # [B, Hq, N, N]
+    scores = scale * torch.matmul(q64, k64.transpose(-2, -1))  # [B, Hq, Nq, Nk]
     # log(c) folds the multiplicity into the exponent: c * exp(s) = exp(s + log c).
-    # torch.where (not addition of -inf) keeps masked scores out of the gradient.
-    logits = torch.where(attends, scores + log_counts, -math.inf)
+    # torch.where (not addition of -inf) keeps removed pairs out of the gradient.
+    logits = torch.where(attends, scores + log_counts + torch.where(attends, bias, 0.0), -math.inf)
 
     # Guarded softmax: subtract a finite row maximum (0 for empty rows) so exp never sees
     # -inf - (-inf); empty rows then have all-zero weights and a zero denominator.

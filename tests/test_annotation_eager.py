@@ -107,8 +107,14 @@ def test_region_is_local_to_its_thread():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(attn_mask=torch.ones(37, 37, dtype=torch.bool)), NotImplementedError, "attn_mask"),
         (dict(dropout_p=0.1), NotImplementedError, "dropout_p=0.1"),
+        (dict(attn_mask=torch.zeros(37, 37, dtype=torch.float64, requires_grad=True)),
+         NotImplementedError, "attn_mask.detach()"),
+        (dict(attn_mask=torch.ones(37, 37, dtype=torch.bool), is_causal=True), ValueError,
+         "fold the causal mask into attn_mask"),
+        (dict(attn_mask=torch.ones(37, 36, dtype=torch.bool)), ValueError,
+         r"attn_mask must broadcast to \[B, Hq, Nq, Nk\] = \[2, 4, 37, 37\]"),
+        (dict(attn_mask=torch.ones(37, 37, dtype=torch.int64)), TypeError, "attn_mask must be bool"),
     ],
 )
 def test_unsupported_sdpa_arguments_raise(kwargs, error, message):
@@ -122,7 +128,7 @@ def test_unsupported_sdpa_arguments_raise(kwargs, error, message):
     [
         (lambda: qkv(h=4, h_kv=2), ValueError, "pass enable_gqa=True"),
         (lambda: qkv(h=3, h_kv=2), ValueError, "multiple of the number of key/value heads"),
-        (lambda: (qkv()[0], qkv(n=40)[1], qkv(n=40)[2]), ValueError, "one sequence length"),
+        (lambda: (qkv(n=40)[0], qkv()[1], qkv()[2]), ValueError, "query seq_len <= key seq_len"),
         (lambda: (qkv()[0][0], qkv()[1], qkv()[2]), ValueError, "query must be 4-D"),
         (lambda: (qkv()[0].int(), qkv()[1], qkv()[2]), TypeError, "query must be float16"),
         (lambda: (qkv()[0].float(), qkv()[1], qkv()[2]), TypeError, "share a dtype"),

@@ -372,6 +372,37 @@ def test_functional_head_groups_needs_a_head_per_config():
 
 
 # --------------------------------------------------------------------------------------------
+# Masks and fewer queries than keys in every dtype (float64: tests/test_masks.py)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_TOLERANCES))
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("q_len", [1, 9, 45])
+def test_low_precision_masks_and_fewer_queries(dtype, mask_kind, q_len):
+    spec = DilatedSpec((6, 20), (1, 4))
+    gen = torch.Generator().manual_seed(q_len)
+    q = _make((BATCH, Q_HEADS, q_len, 16), dtype, gen)
+    k, v = (_make((BATCH, 2, 45, 16), dtype, gen) for _ in range(2))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(BATCH, 1, 1, 45, generator=gen) < 0.8
+    elif mask_kind == "float":  # in the inputs' dtype, as SDPA takes it
+        mask = torch.randn(q_len, 45, generator=gen, dtype=F64).to(dtype)
+    out, lse = torch.ops.dilated_compile.dilated_attention(
+        q, k, v, list(spec.segment_lengths), list(spec.dilation_rates), spec.mode,
+        mask is None, None, mask,
+    )
+    ref_out, ref_lse = dense_reference(
+        q, k, v, spec, is_causal=mask is None, enable_gqa=True, return_lse=True, attn_mask=mask
+    )
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    case = f"{dtype} q_len={q_len} mask={mask_kind}"
+    _close(out, ref_out, DTYPE_TOLERANCES[dtype], "out", case)
+    _close(lse, ref_lse, DTYPE_TOLERANCES[dtype], "lse", case)
+
+
+# --------------------------------------------------------------------------------------------
 # Property tests on random specs
 # --------------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """``dilated_compile.export``: the annotation survives strict and non-strict export, the rewrite
 runs on the exported graph, run_decompositions keeps the op unless asked, save/load round trip,
-the dilated(...) side-effect warning is silenced (and only it), clear errors."""
+the dilated(...) side-effect warning is silenced (and only it), clear errors; a call with a
+key-padding mask exports with the mask as the op's input."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dilated_compile import DilatedSpec, dilated
 from dilated_compile.ops import annotation_op, dilated_attention_op
 from dilated_compile.ops.decompositions import dilated_attention_decompositions
 from dilated_compile.passes.rewrite_annotated_sdpa import REWRITES_META_KEY
+from dilated_compile.testing import dense_reference
 
 SPEC = DilatedSpec((8, 16), (1, 2))
 
@@ -178,3 +180,50 @@ def test_importing_the_library_imports_no_exporter_dependency():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+class KeyPadded(torch.nn.Module):
+    """The op called directly with a bool key-padding mask [B, 1, 1, N] (True = a real token)."""
+
+    def forward(self, q, k, v, mask):
+        out, _ = torch.ops.dilated_compile.dilated_attention(
+            q, k, v, [8, 16], [1, 2], "mixture", False, None, mask
+        )
+        return out
+
+
+def _padded(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, n, 8, generator=g)
+    k, v = torch.randn(2, 2, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g)
+    mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., n - n // 3 :] = False  # the second sequence ends in padding
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_key_padding_mask_is_exported_as_the_ops_input(strict):
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    program = dilated_compile.export(
+        KeyPadded(), _padded(21), dynamic_shapes=({2: seq}, {2: seq}, {2: seq}, {3: seq}),
+        strict=strict,
+    )
+    (node,) = [n for n in program.graph.nodes if n.target is dilated_attention_op]
+    mask_arg = node.args[8] if len(node.args) > 8 else node.kwargs["attn_mask"]
+    assert mask_arg.op == "placeholder" and mask_arg.meta["val"].dtype == torch.bool
+    decomposed = program.run_decompositions(dilated_attention_decompositions())
+    assert dilated_attention_op not in _targets(decomposed)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    for n in (5, 16, 37, 50):
+        inputs = _padded(n, seed=n)
+        want = KeyPadded()(*inputs)
+        reference = dense_reference(
+            *inputs[:3], SPEC, enable_gqa=True, attn_mask=inputs[3]
+        ).float()
+        torch.testing.assert_close(want, reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(program.module()(*inputs), want)
+        torch.testing.assert_close(loaded.module()(*inputs), want)
+        torch.testing.assert_close(decomposed.module()(*inputs), want, atol=1e-5, rtol=1e-5)

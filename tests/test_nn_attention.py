@@ -1,4 +1,5 @@
-"""DilatedAttention and the masked path against the functional op and the float64 reference."""
+"""DilatedAttention and masked_dilated_attention (the op with one mask) against the functional op
+and the float64 reference."""
 
 import math
 
@@ -7,6 +8,8 @@ import torch
 
 from dilated_compile import DilatedSpec, dilated_attention
 from dilated_compile.nn import DilatedAttention, masked_dilated_attention
+from dilated_compile.nn import masked as masked_module
+from dilated_compile.ops import dilated_attention_op
 from dilated_compile.testing import count_matrix, dense_reference
 
 F64 = torch.float64
@@ -110,5 +113,37 @@ def test_masked_path_checks_its_biases():
         masked_dilated_attention(q, q, q, spec, key_bias=torch.zeros(1, 6))
     with pytest.raises(ValueError, match=r"attn_bias must broadcast to \[B, Hq, N, N\] = \[1, 2, 5, 5\]"):
         masked_dilated_attention(q, q, q, spec, attn_bias=torch.zeros(3, 5, 5))
-    with pytest.raises(ValueError, match="one sequence length"):
-        masked_dilated_attention(q, q[:, :, :4], q[:, :, :4], spec)
+    # One sequence: keys of another length (longer or shorter) are refused, naming the fix.
+    for queries, keys in ((q, q[:, :, :4]), (q[:, :, :4], q)):
+        with pytest.raises(
+            ValueError,
+            match=r"key and value must have the query's length \(one sequence length N = \d\), got key "
+            r"seq_len \d.*dilated_compile\.dilated_attention\(.*attn_mask=",
+        ):
+            masked_dilated_attention(queries, keys, keys, spec)
+    with pytest.raises(TypeError, match=r"key_bias must be floating point .*got torch.bool.*attn_mask=mask"):
+        masked_dilated_attention(q, q, q, spec, key_bias=torch.zeros(1, 5, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match=r"attn_mask.detach\(\)"):
+        masked_dilated_attention(q, q, q, spec, attn_bias=torch.zeros(5, 5, requires_grad=True))
+
+
+def test_masked_path_is_the_op_with_one_mask(monkeypatch):
+    """The biases reach the op as one float mask; a key bias alone stays [B, 1, 1, N]."""
+    spec = DilatedSpec((4, 8), (1, 2))
+    q, k, v = _qkv(2, 4, 2, 11, 8)
+    key_bias = torch.zeros(2, 11, dtype=F64)
+    key_bias[0, 7:] = float("-inf")
+    calls = []
+
+    def record(*args):
+        calls.append(args)
+        return dilated_attention_op(*args)
+
+    monkeypatch.setattr(masked_module, "dilated_attention_op", record)
+    out = masked_dilated_attention(q, k, v, spec, is_causal=True, key_bias=key_bias)
+    (args,) = calls
+    assert args[6] is True and args[8].shape == (2, 1, 1, 11) and args[8].dtype == F64
+    expected = dense_reference(
+        q, k, v, spec, is_causal=True, enable_gqa=True, attn_mask=key_bias[:, None, None, :]
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

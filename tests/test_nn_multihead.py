@@ -1,12 +1,18 @@
 """MultiheadDilatedAttention: parity with nn.MultiheadAttention, the float64 reference, masks
-honoured or refused, state_dict, eager == compiled."""
+honoured (through the op) or refused, state_dict, eager == compiled."""
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import dilated_compile
 from dilated_compile import DilatedSpec
 from dilated_compile.nn import MultiheadDilatedAttention, XPos
+from dilated_compile.ops import dilated_attention as op_module
+from dilated_compile.ops import dilated_attention_op
+from dilated_compile.ops import dilated_attention_pytorch as pytorch_impl
 from dilated_compile.testing import dense_reference
 
 from test_nn_attention import masked_reference
@@ -120,7 +126,7 @@ def test_dilated_config_matches_the_float64_reference(spec, num_kv_heads):
     assert k.shape[1] == (num_kv_heads or H)
     expected = mhda.merge(dense_reference(q, k, v, spec, is_causal=True, enable_gqa=True))
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    # masks go through the masked path: compare with the masked reference
+    # with key padding: compare with the masked reference
     padding = _padding()[:, :13].repeat(1, 2)[:, :21]
     out, _ = mhda(x, y, y, key_padding_mask=padding, is_causal=True)
     bias = torch.zeros(B, 21, dtype=F64).masked_fill(padding, float("-inf"))
@@ -194,8 +200,13 @@ def test_magneto_initialisation_and_state_dict_round_trip():
     )
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_eager_equals_compiled_forward_and_backward(masked):
+@pytest.mark.parametrize(
+    "masked,is_causal,rewritten",
+    # A causal masked call runs the op itself (SDPA refuses a mask with is_causal=True), so
+    # there is no SDPA to rewrite; the others are annotated SDPA, rewritten into the op.
+    [(False, True, 1), (True, True, 0), (True, False, 1)],
+)
+def test_eager_equals_compiled_forward_and_backward(masked, is_causal, rewritten):
     torch.manual_seed(0)
     mhda = MultiheadDilatedAttention(
         E, H, (4, 8, 16), (1, 2, 4), num_kv_heads=2, position_embedding=XPos(E // H, block=16)
@@ -203,7 +214,7 @@ def test_eager_equals_compiled_forward_and_backward(masked):
     x = torch.randn(B, 37, E, requires_grad=True)
     padding = torch.zeros(B, 37, dtype=torch.bool)
     padding[1, 30:] = True
-    kwargs = {"is_causal": True, "key_padding_mask": padding if masked else None}
+    kwargs = {"is_causal": is_causal, "key_padding_mask": padding if masked else None}
 
     def loss_and_grads(module):
         out, _ = module(x, x, x, **kwargs)
@@ -216,5 +227,122 @@ def test_eager_equals_compiled_forward_and_backward(masked):
     torch.testing.assert_close(out, eager_out, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    rewritten = torch._dynamo.utils.counters["dilated_compile"]["sdpa_rewritten"]
-    assert rewritten == (0 if masked else 1)  # the masked path is plain PyTorch, no SDPA to rewrite
+    assert torch._dynamo.utils.counters["dilated_compile"]["sdpa_rewritten"] == rewritten
+
+
+# --- masks go through the op ----------------------------------------------------------------------
+
+_OP_BODIES = {  # the library's custom ops and the Python functions that implement them
+    definition._opoverload: definition._init_fn
+    for definition in (
+        op_module.dilated_attention_forward,
+        op_module.dilated_attention_backward,
+        pytorch_impl.dilated_attention_pytorch,
+        pytorch_impl.dilated_attention_backward_pytorch,
+    )
+}
+
+
+class _OpsAndLargestAllocation(TorchDispatchMode):
+    """The library ops called, and the largest storage created (in elements; the given inputs
+    do not count), inside those ops too: their Python bodies run under the mode, which an
+    opaque custom op would otherwise hide."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in inputs}
+        self.ops = []
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        body = _OP_BODIES.get(func)
+        if body is None:
+            out = func(*args, **(kwargs or {}))
+        else:
+            self.ops.append(func)
+            with self:
+                out = body(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                self.elements = max(self.elements, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+def _reference_mask(key_padding_mask, attn_mask=None):
+    """nn.MultiheadAttention's masks (True / -inf = masked out) as one SDPA-convention mask
+    ``[B, H, N, N]`` for the dense reference, built densely on purpose."""
+    masks = [key_padding_mask[:, None, None, :].expand(B, H, N, N)]
+    if attn_mask is not None:
+        masks.append(attn_mask.reshape(-1, N, N).expand(B * H, N, N).reshape(B, H, N, N))
+    if all(m.dtype == torch.bool for m in masks):
+        return ~torch.stack(masks).any(0)
+    biases = [
+        torch.zeros(m.shape, dtype=F64).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m
+        for m in masks
+    ]
+    return sum(biases)
+
+
+def _random_bool(*shape, seed, p):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < p
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_masked_calls_run_the_op_eager_and_compiled(is_causal):
+    torch.manual_seed(0)
+    mhda = MultiheadDilatedAttention(E, H, (4, 8), (1, 2), num_kv_heads=2, dtype=F64)
+    x, _, _ = _inputs()
+    with _OpsAndLargestAllocation() as record:
+        mhda(x, x, x, key_padding_mask=_padding(), is_causal=is_causal)
+    assert record.ops.count(dilated_attention_op) == 1
+    report = dilated_compile.explain(mhda, x, x, x, key_padding_mask=_padding(), is_causal=is_causal)
+    (op_node,) = [n for n in report.after.graph.nodes if n.target is dilated_attention_op]
+    assert len(op_node.args) == 9 and op_node.args[6] is is_causal  # the mask is the op's argument
+    assert not [n for n in report.after.graph.nodes if "scaled_dot_product" in str(n.target)]
+    # Non-causal calls are annotated SDPA the rewrite sees; causal ones are the op already.
+    assert len(report.rewrites) == (0 if is_causal else 1)
+
+
+@pytest.mark.parametrize(
+    "masks",
+    [
+        {"key_padding_mask": _padding()},
+        {"key_padding_mask": _padding(F64), "attn_mask": _random_bool(N, N, seed=5, p=0.3)},
+        {"key_padding_mask": _padding(), "attn_mask": _random_bool(B * H, N, N, seed=6, p=0.2)},
+    ],
+    ids=["padding", "float_padding_and_bool_mask", "padding_and_per_head_mask"],
+)
+def test_causal_masked_calls_equal_the_dense_reference_with_gradients(masks):
+    torch.manual_seed(0)
+    spec = DilatedSpec((4, 8), (1, 2))
+    mhda = MultiheadDilatedAttention(E, H, spec.segment_lengths, spec.dilation_rates, dtype=F64)
+    x, _, _ = _inputs()
+    x.requires_grad_()
+    out, _ = mhda(x, x, x, is_causal=True, **masks)
+    q, k, v = mhda.project(x, x, x)
+    mask = _reference_mask(masks["key_padding_mask"], masks.get("attn_mask"))
+    expected = mhda.merge(dense_reference(q, k, v, spec, is_causal=True, attn_mask=mask))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    inputs = [x, *mhda.parameters()]
+    for got, want in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_causal_key_padding_at_a_long_length_allocates_no_n_by_n_tensor():
+    n = 4096
+    torch.manual_seed(0)
+    mhda = MultiheadDilatedAttention(16, 2, (32, 64), (1, 2), dtype=F64)
+    x = torch.randn(2, n, 16, dtype=F64, requires_grad=True)
+    padding = torch.zeros(2, n, dtype=torch.bool)
+    padding[1, 3000:] = True
+    largest = {}
+    for name, mask in (("unmasked", None), ("masked", padding)):
+        with _OpsAndLargestAllocation(x, padding, *mhda.parameters()) as record:
+            out, _ = mhda(x, x, x, key_padding_mask=mask, is_causal=True)
+            out.sum().backward()
+        assert record.ops.count(dilated_attention_op) == 1
+        largest[name] = record.elements
+    # Key padding adds nothing larger than the op's own tiles (N * w per head), never N x N.
+    assert largest["masked"] <= largest["unmasked"] < n * n // 16

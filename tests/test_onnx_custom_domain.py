@@ -1,6 +1,7 @@
 """``to_onnx(..., custom_domain=True)``: one ``dilated_compile.DilatedAttention`` node per call,
-with the pattern and the resolved scale as attributes; a runtime that brings its own kernel (here
-ONNX's reference evaluator with a kernel that calls the op) reproduces eager."""
+with the pattern and the resolved scale as attributes (and the mask, when the call has one, as
+its fourth input); a runtime that brings its own kernel (here ONNX's reference evaluator with a
+kernel that calls the op) reproduces eager. A masked call also exports to standard ops."""
 
 from __future__ import annotations
 
@@ -40,12 +41,13 @@ class DilatedAttentionKernel(OpRun):
 
     op_domain = CUSTOM_DOMAIN
 
-    def _run(self, query, key, value, segment_lengths=None, dilation_rates=None, mode=None,
-             is_causal=None, scale=None):
+    def _run(self, query, key, value, attn_mask=None, segment_lengths=None, dilation_rates=None,
+             mode=None, is_causal=None, scale=None):
         mode = mode.decode() if isinstance(mode, bytes) else mode
+        mask = None if attn_mask is None else torch.from_numpy(np.ascontiguousarray(attn_mask))
         out, lse = dilated_attention_op(
             *(torch.from_numpy(np.ascontiguousarray(x)) for x in (query, key, value)),
-            list(segment_lengths), list(dilation_rates), mode, bool(is_causal), float(scale),
+            list(segment_lengths), list(dilation_rates), mode, bool(is_causal), float(scale), mask,
         )
         return out.numpy(), lse.numpy()
 
@@ -95,3 +97,60 @@ def test_a_runtime_with_its_own_kernel_reproduces_eager(custom_model, n):
     names = [i.name for i in custom_model.graph.input]
     (got,) = session.run(None, dict(zip(names, (q.numpy(), k.numpy(), v.numpy()))))
     torch.testing.assert_close(torch.from_numpy(got), TwoCalls()(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+class KeyPadded(torch.nn.Module):
+    """The op called with a bool key-padding mask [B, 1, 1, N]."""
+
+    def forward(self, q, k, v, mask):
+        return torch.ops.dilated_compile.dilated_attention(
+            q, k, v, [8, 16], [1, 2], "mixture", False, 0.3, mask
+        )[0]
+
+
+def _padded(n, seed=0):
+    q, k, v = _inputs(n, seed)
+    mask = torch.ones(1, 1, 1, n, dtype=torch.bool)
+    mask[..., n - n // 3 :] = False
+    return q, k, v, mask
+
+
+@pytest.fixture(scope="module")
+def padded_models(tmp_path_factory):
+    seq = torch.export.Dim("seq", min=2, max=256)
+    shapes = ({2: seq}, {2: seq}, {2: seq}, {3: seq})
+    program = dilated_compile.export(KeyPadded(), _padded(21), dynamic_shapes=shapes)
+    directory = tmp_path_factory.mktemp("onnx_masked")
+    paths = {}
+    for name, custom in (("custom", True), ("standard", False)):
+        paths[name] = directory / f"{name}.onnx"
+        dilated_compile.to_onnx(program, _padded(21), paths[name], custom_domain=custom,
+                                external_data=False)
+    return {name: onnx.load(path) for name, path in paths.items()}
+
+
+def test_the_mask_is_the_custom_nodes_fourth_input(padded_models):
+    model = padded_models["custom"]
+    (node,) = [n for n in model.graph.node if n.domain == CUSTOM_DOMAIN]
+    assert len(node.input) == 4 and node.input[3] == model.graph.input[3].name
+    onnx.checker.check_model(model)
+    session = ReferenceEvaluator(model, new_ops=[DilatedAttentionKernel])
+    names = [i.name for i in model.graph.input]
+    for n in (5, 40):
+        inputs = _padded(n, seed=n)
+        (got,) = session.run(None, dict(zip(names, (x.numpy() for x in inputs))))
+        torch.testing.assert_close(torch.from_numpy(got), KeyPadded()(*inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_a_masked_call_in_standard_ops_runs_in_onnxruntime(padded_models):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = padded_models["standard"]
+    assert {opset.domain for opset in model.opset_import} <= {"", "ai.onnx"}
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    names = [i.name for i in session.get_inputs()]
+    for n in (2, 9, 40):
+        inputs = _padded(n, seed=n)
+        (got,) = session.run(None, dict(zip(names, (x.numpy() for x in inputs))))
+        torch.testing.assert_close(torch.from_numpy(got), KeyPadded()(*inputs), atol=1e-5, rtol=1e-5)

@@ -509,3 +509,166 @@ def test_argument_errors():
         dense_reference(q[:, :1], k[:, :1], k[:, :1], DilatedSpec((4, 8), (1, 2), "head_groups"))
     with pytest.raises(ValueError):
         dense_reference(q[0], k[0], k[0], spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Fewer queries than keys (query i at position Nk - Nq + i) and attn_mask
+# --------------------------------------------------------------------------------------------
+
+
+def test_count_fewer_queries_are_the_last_rows():
+    # N = 6, w = 4, r = 2 (see test_count_partial_last_segment): the queries at positions 4, 5.
+    c = count_matrix(DilatedSpec((4,), (2,)), 6, 2, query_len=2)
+    assert c.shape == (2, 2, 6)
+    assert torch.equal(c[0], _t([[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 0]]))
+    assert torch.equal(c[1], _t([[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]]))
+
+
+def test_count_fewer_queries_causal_is_bottom_right():
+    # N = 6, w = 4, r = 1, queries at positions 3, 4, 5: position 3 sees its whole segment
+    # [0, 4); 4 and 5 the keys of [4, 6) up to themselves.
+    c = count_matrix(DilatedSpec((4,), (1,)), 6, 1, is_causal=True, query_len=3)
+    assert torch.equal(c[0], _t([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]]))
+    assert count_matrix(DilatedSpec((4,), (1,)), 6, 1, query_len=0).shape == (1, 0, 6)
+
+
+@settings(deadline=None, derandomize=True, max_examples=30)
+@given(spec=_specs(), n=st.integers(1, 30), data=st.data(), causal=st.booleans())
+def test_count_fewer_queries_matches_the_full_matrix(spec, n, data, causal):
+    query_len = data.draw(st.integers(0, n))
+    heads = spec.num_configs + 1
+    full = count_matrix(spec, n, heads, is_causal=causal)
+    part = count_matrix(spec, n, heads, is_causal=causal, query_len=query_len)
+    assert torch.equal(part, full[:, n - query_len :])
+
+
+def test_count_rejects_more_queries_than_keys():
+    with pytest.raises(ValueError, match="query_len"):
+        count_matrix(DilatedSpec((4,), (1,)), 4, 1, query_len=5)
+
+
+def _sdpa_masks(b, h, nq, nk):
+    """One bool and one float mask of every shape that broadcasts to [B, H, Nq, Nk]; the last
+    key is always kept (SDPA gives NaN on rows with no key)."""
+    g = torch.Generator().manual_seed(nq * 100 + nk)
+    for shape in [(nk,), (nq, nk), (1, 1, nq, nk), (b, 1, 1, nk), (b, h, nq, nk), (b, 1, nq, nk)]:
+        keep = torch.rand(shape, generator=g) < 0.6
+        keep[..., -1] = True
+        bias = torch.randn(shape, generator=g, dtype=F64).masked_fill(
+            torch.rand(shape, generator=g) < 0.3, -math.inf
+        )
+        bias[..., -1] = 0.5
+        yield keep
+        yield bias
+
+
+@pytest.mark.parametrize("nq,nk", [(7, 7), (3, 9), (1, 6)])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_dense_pattern_with_a_mask_equals_sdpa(nq, nk, hkv):
+    """With one dense config the pattern keeps every pair: the mask is SDPA's, for every shape,
+    bool and float, with fewer queries than keys too (no causal: no alignment question)."""
+    spec = DilatedSpec((64,), (1,))
+    q = _rand(2, 4, nq, 8, seed=81, requires_grad=True)
+    k = _rand(2, hkv, nk, 8, seed=82, requires_grad=True)
+    v = _rand(2, hkv, nk, 5, seed=83, requires_grad=True)
+    go = _rand(2, 4, nq, 5, seed=84)
+    gqa = hkv != 4
+    for mask in _sdpa_masks(2, 4, nq, nk):
+        out = dense_reference(q, k, v, spec, enable_gqa=gqa, attn_mask=mask)
+        full = mask.expand(2, 4, nq, nk)  # (SDPA on CPU refuses a 1-D mask)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=full, enable_gqa=gqa)
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+        ours = torch.autograd.grad((out * go).sum(), (q, k, v))
+        theirs = torch.autograd.grad((expected * go).sum(), (q, k, v))
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_causal_with_fewer_queries_is_bottom_right_sdpa():
+    """SDPA aligns is_causal top-left; the pattern aligns it to the query's position, which is
+    SDPA with the bottom-right mask tril(Nk - Nq)."""
+    spec = DilatedSpec((64,), (1,))
+    q, k, v = _rand(2, 2, 3, 8, seed=85), _rand(2, 2, 10, 8, seed=86), _rand(2, 2, 10, 4, seed=87)
+    out = dense_reference(q, k, v, spec, is_causal=True)
+    bottom_right = torch.ones(3, 10, dtype=torch.bool).tril(10 - 3)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bottom_right)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_mask_by_hand():
+    # N = 4 keys, w = 2, r = 1: segments {0, 1} and {2, 3}; one query, at position 3, sees keys
+    # 2 and 3. A bool mask dropping key 3 leaves key 2 alone: out = v_2, lse = s_32.
+    # A float mask adds to the score: weights exp(s_32 + 1) and exp(s_33 - 2).
+    spec = DilatedSpec((2,), (1,))
+    q, k, v = _rand(1, 1, 1, 4, seed=88), _rand(1, 1, 4, 4, seed=89), _rand(1, 1, 4, 3, seed=90)
+    s = (q[0, 0, 0] @ k[0, 0].T) / 2  # scale 1/sqrt(4)
+    out, lse = dense_reference(
+        q, k, v, spec, return_lse=True, attn_mask=torch.tensor([True, True, True, False])
+    )
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 2], atol=0, rtol=0)
+    torch.testing.assert_close(lse[0, 0, 0], s[2], atol=1e-15, rtol=1e-15)
+    bias = torch.tensor([[5.0, -math.inf, 1.0, -2.0]], dtype=F64)  # keys 0, 1: other segment
+    out, lse = dense_reference(q, k, v, spec, return_lse=True, attn_mask=bias)
+    weights = torch.stack([s[2] + 1.0, s[3] - 2.0]).exp()
+    expected = (weights[0] * v[0, 0, 2] + weights[1] * v[0, 0, 3]) / weights.sum()
+    torch.testing.assert_close(out[0, 0, 0], expected, atol=1e-14, rtol=1e-14)
+    torch.testing.assert_close(lse[0, 0, 0], weights.sum().log(), atol=1e-14, rtol=1e-14)
+
+
+def test_mask_multiplies_the_counts():
+    # Overlapping configs count twice (test_count_mixture_overlapping_configs_add_up): a float
+    # mask adds to the score of each copy, c * exp(s + m).
+    spec = DilatedSpec((2, 4), (1, 2))
+    q, k, v = _rand(1, 1, 4, 4, seed=91), _rand(1, 1, 4, 4, seed=92), _rand(1, 1, 4, 2, seed=93)
+    bias = _rand(4, 4, seed=94)
+    counts = count_matrix(spec, 4, 1)[0].to(F64)
+    s = (q[0, 0] @ k[0, 0].T) / 2 + bias
+    weights = counts * s.exp()
+    expected = weights @ v[0, 0] / weights.sum(-1, keepdim=True)
+    out, lse = dense_reference(q, k, v, spec, return_lse=True, attn_mask=bias)
+    torch.testing.assert_close(out[0, 0], expected, atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(lse[0, 0], weights.sum(-1).log(), atol=1e-13, rtol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_rows_the_mask_empties_give_zeros_and_zero_grads(kind):
+    spec = DilatedSpec((4,), (1,))
+    q = _rand(1, 2, 3, 4, seed=95, requires_grad=True)
+    k = _rand(1, 2, 8, 4, seed=96, requires_grad=True)
+    v = _rand(1, 2, 8, 3, seed=97, requires_grad=True)
+    keep = torch.ones(1, 2, 3, 8, dtype=torch.bool)
+    keep[0, 0, 1] = False  # head 0, query 1 (position 6): no key left
+    keep[0, 1, :, 4:] = False  # head 1: every query is in [4, 8), whose keys are all dropped
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, dtype=F64).masked_fill(
+        ~keep, -math.inf
+    )
+    out, lse = dense_reference(q, k, v, spec, return_lse=True, attn_mask=mask)
+    assert (out[0, 0, 1] == 0).all() and (out[0, 1] == 0).all()
+    assert torch.isneginf(lse[0, 0, 1]) and torch.isneginf(lse[0, 1]).all()
+    assert torch.isfinite(lse[0, 0, [0, 2]]).all()
+    finite = torch.isfinite(lse)
+    dq, dk, dv = torch.autograd.grad(out.sum() + lse[finite].sum(), (q, k, v))
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert (dq[0, 0, 1] == 0).all() and (dq[0, 1] == 0).all()
+    assert (dk[0, 1] == 0).all() and (dv[0, 1] == 0).all()
+    assert (dk[0, 0, 4:] != 0).any()
+
+    def fn(q, k, v):
+        o, row_lse = dense_reference(q, k, v, spec, return_lse=True, attn_mask=mask)
+        return o, torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_mask_and_query_argument_errors():
+    spec = DilatedSpec((4,), (1,))
+    q, k = _rand(1, 2, 6, 8, seed=0), _rand(1, 2, 6, 8, seed=1)
+    with pytest.raises(ValueError, match="Nq <= Nk"):
+        dense_reference(q, k[:, :, :5], k[:, :, :5], spec)
+    with pytest.raises(ValueError, match=r"attn_mask must broadcast.*\(6, 5\)"):
+        dense_reference(q, k, k, spec, attn_mask=torch.ones(6, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must broadcast"):
+        dense_reference(q, k, k, spec, attn_mask=torch.ones(1, 1, 1, 1, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool or floating"):
+        dense_reference(q, k, k, spec, attn_mask=torch.ones(6, dtype=torch.long))

@@ -5,6 +5,7 @@ tensors under the Triton interpreter: the variable ``TRITON_INTERPRET=1`` must b
 Triton is imported, so ``test_kernels_under_the_triton_interpreter`` runs this module again in
 a child process with it set (the rest of the suite keeps compiled Triton). Shapes are tiny:
 each interpreted block step costs milliseconds. Lengths are multiples of no segment or block.
+Masks reach the launchers as the op hands them over: 4-D views with stride 0 on broadcast dims.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 
 from dilated_compile import DilatedSpec
 from dilated_compile.ops import dilated_attention_backward_op, dilated_attention_op
+from dilated_compile.ops._checks import expand_attn_mask
 from dilated_compile.ops._triton import dilated_attention as kernels
-from dilated_compile.testing import dense_reference
+from dilated_compile.testing import count_matrix, dense_reference
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,10 +67,13 @@ def _inputs(case, seed):
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
 
 
-def _reference(q, k, v, spec, is_causal, grad_out, grad_lse):
+def _reference(q, k, v, spec, is_causal, grad_out, grad_lse, attn_mask=None):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.double()
     out, lse = dense_reference(
-        *leaves, spec, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1], return_lse=True
+        *leaves, spec, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1], return_lse=True,
+        attn_mask=attn_mask,
     )
     finite = torch.isfinite(lse)
     loss = (out * grad_out).sum() + (torch.where(finite, lse, 0) * grad_lse).sum()
@@ -76,6 +81,8 @@ def _reference(q, k, v, spec, is_causal, grad_out, grad_lse):
 
 
 def _relative_error(got, want):
+    if want.numel() == 0:
+        return 0.0
     return ((got.double().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
@@ -100,15 +107,21 @@ def test_kernels_match_float64_reference(case, dtype, is_causal):
     out, lse = kernels.forward(dq_, kd, vd, *args)
     grads = kernels.backward(god, dq_, kd, vd, out, lse, grad_lse.to(DEVICE, torch.float32), *args)
 
+    _assert_matches(out, lse, grads, ref_out, ref_lse, ref_grads, dtype)
+
+
+def _assert_matches(out, lse, grads, ref_out, ref_lse, ref_grads, dtype):
     tol = DTYPES[dtype]
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert _relative_error(out, ref_out) < tol
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse).cpu(), finite)  # rows with no key: lse -inf, out 0
-    assert (lse.double().cpu()[finite] - ref_lse[finite]).abs().max() < tol * 10
+    if finite.any():
+        assert (lse.double().cpu()[finite] - ref_lse[finite]).abs().max() < tol * 10
     assert torch.all(out.cpu()[~finite] == 0)
     for name, got, want in zip("qkv", grads, ref_grads):
         assert got.dtype == dtype, name
+        assert not torch.isnan(got).any(), f"d{name}"
         assert _relative_error(got, want) < 2 * tol, f"d{name}"
 
 
@@ -161,3 +174,121 @@ def test_op_on_cpu_runs_the_pytorch_implementation():
     grads = dilated_attention_backward_op(torch.ones_like(out), q, k, v, out, lse, None, *args)
     want = dilated_attention_backward_pytorch_op(torch.ones_like(out), q, k, v, out, lse, None, *args)
     assert all(torch.equal(a, b) for a, b in zip(grads, want))
+
+
+# Fewer queries than keys and attn_mask. (B, Hq, Hkv, Nq, Nk, segment_lengths, dilation_rates,
+# mode, is_causal, mask): mask "<bool|float>-<shape>" with shape k = [Nk], qk = [Nq, Nk],
+# b11k = [B, 1, 1, Nk] (key padding), full = [B, Hq, Nq, Nk]; with is_causal the pairs both keep
+# (the op takes the two together; SDPA-shaped entry points refuse them). D = Dv = 32.
+MASKED_CASES = [
+    (1, 4, 2, 19, 45, (8, 16, 32), (1, 2, 4), "mixture", False, None),  # Nq < Nk, GQA
+    (1, 4, 2, 19, 45, (8, 16, 32), (1, 2, 4), "mixture", True, None),  # bottom-right causal
+    (1, 4, 2, 1, 45, (8, 16, 32), (1, 2, 4), "mixture", True, None),  # decoding one token
+    (1, 5, 5, 1, 50, (8, 16, 64), (1, 2, 4), "head_groups", False, None),
+    (2, 4, 4, 13, 37, (8, 16), (2, 4), "mixture", True, None),  # no rate-1 config
+    (1, 4, 2, 33, 33, (8, 16), (1, 2), "mixture", False, "bool-k"),
+    (2, 2, 2, 29, 29, (16,), (1,), "mixture", False, "bool-b11k"),  # batch 1 fully masked
+    (1, 4, 2, 17, 40, (8, 16, 32), (1, 2, 4), "mixture", False, "bool-qk"),
+    (1, 6, 3, 21, 33, (16, 32), (2, 3), "head_groups", False, "bool-full"),
+    (1, 2, 1, 30, 30, (16,), (1,), "mixture", False, "float-k"),
+    (1, 4, 2, 11, 45, (8, 16, 32), (1, 2, 4), "mixture", False, "float-qk"),
+    (2, 3, 1, 25, 25, (64, 7), (3, 2), "mixture", False, "float-b11k"),  # w > N, MQA
+    (1, 4, 2, 1, 37, (8, 16), (1, 2), "mixture", False, "float-full"),  # decoding with a mask
+    (2, 4, 2, 29, 29, (8, 16), (1, 2), "mixture", True, "bool-b11k"),  # causal + key padding
+    # Padding runs (right, then left): segments whose keys are all kept, all padded, or mixed.
+    (2, 4, 2, 45, 45, (8, 16), (1, 2), "mixture", False, "bool-pad"),
+    (2, 3, 3, 20, 45, (8, 16, 32), (1, 2, 4), "head_groups", True, "float-pad"),
+    (1, 4, 4, 14, 40, (8, 32), (1, 4), "head_groups", True, "float-qk"),
+]
+
+
+def _masked_ids(case):
+    b, hq, hkv, nq, nk, w, r, mode, causal, mask = case
+    return f"{mode}-Nq{nq}-Nk{nk}-H{hq}x{hkv}-w{'_'.join(map(str, w))}-r{'_'.join(map(str, r))}" + (
+        "-causal" if causal else "") + f"-{mask or 'nomask'}"
+
+
+def _make_mask(kind, b, hq, nq, nk, dtype, g):
+    """A mask of the given kind that keeps ~60% of the pairs, with a fully masked query row
+    (when it has a query dim) and a fully masked batch (when it has a batch dim and B > 1);
+    "pad": key padding [B, 1, 1, Nk] in runs (batch 0 keeps its first 60% of keys, the others
+    their last 70%; a float one is 0 / -inf), so that some segments keep all their keys, some
+    none and some a part."""
+    if kind is None:
+        return None
+    mask_type, shape_name = kind.split("-")
+    if shape_name == "pad":
+        keep = torch.zeros(b, 1, 1, nk, dtype=torch.bool)
+        keep[0, ..., : nk * 6 // 10] = True
+        keep[1:, ..., nk * 3 // 10 :] = True
+        if mask_type == "bool":
+            return keep
+        return torch.zeros(keep.shape, dtype=torch.float32).masked_fill(~keep, float("-inf"))
+    shape = {"k": (nk,), "qk": (nq, nk), "b11k": (b, 1, 1, nk), "full": (b, hq, nq, nk)}[shape_name]
+    keep = torch.rand(shape, generator=g) > 0.4
+    if len(shape) >= 2 and shape[-2] > 1:
+        keep[..., 0, :] = False
+    if len(shape) == 4 and b > 1:
+        keep[1] = False
+    if mask_type == "bool":
+        return keep
+    # Key padding in float32, the others in the inputs' dtype: the op takes both.
+    bias_dtype = torch.float32 if shape_name == "b11k" else dtype
+    bias = torch.randn(shape, generator=g, dtype=torch.float64).to(bias_dtype)
+    return bias.masked_fill(~keep, float("-inf"))
+
+
+def _unattended_keys(spec, is_causal, mask, b, hq, hkv, nq, nk):
+    """[B, Hkv, Nk] True where no query (of any head of the kv head's group) attends the key."""
+    pairs = count_matrix(spec, nk, hq, is_causal=is_causal, query_len=nq) > 0  # [Hq, Nq, Nk]
+    pairs = pairs.expand(b, hq, nq, nk)
+    if mask is not None:
+        pairs = pairs & (mask if mask.dtype == torch.bool else mask > float("-inf"))
+    return ~pairs.any(dim=2).view(b, hkv, hq // hkv, nk).any(dim=2)
+
+
+# float32 for every case; float16 too for the masked ones and decoding (interpreted steps are slow).
+MASKED_RUNS = [(case, torch.float32) for case in MASKED_CASES] + [
+    (case, torch.float16) for case in MASKED_CASES if case[-1] is not None or case[3] == 1
+]
+
+
+@runs_kernels
+@pytest.mark.parametrize(
+    "case, dtype", MASKED_RUNS, ids=[f"{_masked_ids(c)}-{d}" for c, d in MASKED_RUNS]
+)
+def test_kernels_with_masks_and_fewer_queries(case, dtype):
+    b, hq, hkv, nq, nk, segment_lengths, dilation_rates, mode, is_causal, mask_kind = case
+    spec = DilatedSpec(segment_lengths, dilation_rates, mode)
+    g = torch.Generator().manual_seed(hash(case) % 1000)
+    shapes = ((b, hq, nq, 32), (b, hkv, nk, 32), (b, hkv, nk, 32), (b, hq, nq, 32), (b, hq, nq))
+    # Rounded once so the reference sees exactly the kernels' inputs.
+    q, k, v, grad_out, grad_lse = (
+        torch.randn(s, generator=g, dtype=torch.float64).to(dtype).double() for s in shapes
+    )
+    mask = _make_mask(mask_kind, b, hq, nq, nk, dtype, g)
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, spec, is_causal, grad_out, grad_lse, mask)
+
+    dq_, kd, vd, god = (t.to(DEVICE, dtype) for t in (q, k, v, grad_out))
+    view = None if mask is None else expand_attn_mask(mask.to(DEVICE), dq_, kd)
+    args = (list(segment_lengths), list(dilation_rates), mode, is_causal, 32 ** -0.5, view)
+    out, lse = kernels.forward(dq_, kd, vd, *args)
+    # grad_lse stays nonzero on empty rows: their gradients must still be exactly zero.
+    grads = kernels.backward(god, dq_, kd, vd, out, lse, grad_lse.to(DEVICE, torch.float32), *args)
+
+    _assert_matches(out, lse, grads, ref_out, ref_lse, ref_grads, dtype)
+    assert torch.all(grads[0].cpu()[~torch.isfinite(ref_lse)] == 0)
+    unattended = _unattended_keys(spec, is_causal, mask, b, hq, hkv, nq, nk)
+    for got in grads[1:]:
+        assert torch.all(got.cpu()[unattended] == 0)
+
+
+@runs_kernels
+def test_kernels_with_no_queries():
+    q = torch.randn(1, 2, 0, 32, device=DEVICE)
+    k = v = torch.randn(1, 2, 9, 32, device=DEVICE)
+    args = ([8], [1], "mixture", False, 0.2)
+    out, lse = kernels.forward(q, k, v, *args)
+    assert out.shape == (1, 2, 0, 32) and lse.shape == (1, 2, 0)
+    dq, dk, dv = kernels.backward(out, q, k, v, out, lse, None, *args)
+    assert dq.shape == q.shape and torch.all(dk == 0) and torch.all(dv == 0)

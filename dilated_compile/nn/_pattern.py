@@ -1,8 +1,8 @@
 """Which heads use which configs, and how far back a causal query can reach.
 
-The modules need these facts beyond the fused op: the masked path (``masked.py``) attends
-head slice by head slice, and one-token decoding (``decoding.py``) keeps only the keys that
-later queries can still attend. Both follow the semantics of ``DilatedSpec``.
+One-token decoding (``decoding.py``) needs these facts beyond the fused op: which configs
+keep the new query's row for each head, and which cached keys later queries can still attend.
+Both follow the semantics of ``DilatedSpec``.
 """
 
 from __future__ import annotations

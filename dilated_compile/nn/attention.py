@@ -14,19 +14,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..annotation import dilated
+from ..ops import dilated_attention_op
 from ..spec import DilatedSpec
 from ._checks import check_attention_dropout, check_probability
 
 
 def attend(
     spec: DilatedSpec, query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool,
-    scale: float | None = None,
+    scale: float | None = None, attn_mask: Tensor | None = None,
 ) -> Tensor:
-    """Dilated attention of ``[B, H, N, D]`` tensors through annotated SDPA (GQA from the
-    shapes)."""
+    """Dilated attention of ``[B, H, N, D]`` tensors (GQA from the shapes), restricted further
+    by ``attn_mask`` when given (SDPA's convention: bool True = keep, or float added to the
+    scores, broadcastable to ``[B, Hq, Nq, Nk]``; no gradient flows to it).
+
+    Annotated SDPA, which ``torch.compile(backend="dilated_compile")`` rewrites into the op,
+    except for a mask together with ``is_causal=True``: SDPA refuses that pair, so the op (which
+    keeps the pairs both keep) is called directly, and causal key padding needs no ``N x N``
+    mask."""
+    if attn_mask is not None and is_causal:
+        out, _ = dilated_attention_op(
+            query, key, value, list(spec.segment_lengths), list(spec.dilation_rates), spec.mode,
+            True, scale, attn_mask,
+        )
+        return out
     with dilated(spec):
         return F.scaled_dot_product_attention(
-            query, key, value, is_causal=is_causal, scale=scale,
+            query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
             enable_gqa=query.shape[1] != key.shape[1],
         )
 

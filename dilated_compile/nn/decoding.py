@@ -22,7 +22,6 @@ from torch import Tensor
 
 from ..spec import DilatedSpec
 from ._pattern import head_slices, window_start
-from .masked import _attend
 
 
 class DilatedKVCache:
@@ -196,5 +195,17 @@ def dilated_attention_step(
     scores = torch.matmul(q, key.to(cdtype).transpose(-1, -2)) * scale  # [B, Hkv, G, L]
     counts = counts.view(kv_heads, group, length)
     logits = torch.where(counts > 0, scores + counts.clamp_min(1).to(cdtype).log(), float("-inf"))
-    out, _ = _attend(logits, value.to(cdtype))  # [B, Hkv, G, Dv]
+    out = _attend(logits, value.to(cdtype))  # [B, Hkv, G, Dv]
     return out.reshape(batch, q_heads, 1, value.shape[-1]).to(query.dtype)
+
+
+def _attend(scores: Tensor, value: Tensor) -> Tensor:
+    """Softmax attention of masked scores ``[..., M, L]`` (``-inf`` = no key) over ``value``
+    ``[..., L, Dv]``: ``[..., M, Dv]``. A row with no key gives 0 and zero gradients (never NaN)."""
+    # Subtracting the (detached) row maximum is exact for the value and the gradient alike.
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.matmul(weights, value) / denom

@@ -1,32 +1,22 @@
-"""Dilated attention with additive masks, in plain PyTorch: how the modules honour
-``key_padding_mask`` and ``attn_mask`` exactly.
+"""``masked_dilated_attention``: the fused op with additive biases, for one sequence.
 
-The fused op defines its own sparsity and takes no mask. A mask restricts the dilated pattern
-further, so the masked result is, with ``c[p, t]`` the count matrix of the spec and ``m[p, t]``
-the additive mask (``-inf`` where a boolean mask forbids the pair),
-
-    out_p = sum_t c[p,t] exp(s_pt + m_pt) v_t / sum_t c[p,t] exp(s_pt + m_pt),
-
-computed here the way the op computes the unmasked one: for each config and head offset,
-dense attention over the dilated rows of every segment (a strided view of the inputs, cost
-``O(N * w / r)`` per head, never an ``N x N`` score tensor), merged across configs by
-log-sum-exp. Everything is out-of-place PyTorch, so autograd and ``torch.compile`` (any backend)
-differentiate and trace it as they are. A row that attends no key gives 0.
+The op applies a mask on top of the dilated pattern exactly (the Triton kernels on CUDA, the
+exact PyTorch implementation elsewhere) and reads it only where the pattern keeps a pair, so a
+``[B, 1, 1, N]`` key-padding mask is never expanded to ``N x N``. This wrapper takes the biases
+of ``nn.MultiheadAttention``-style code (a ``[B, N]`` key bias and a pair bias broadcastable to
+``[B, Hq, N, N]``); the modules themselves pass SDPA-convention masks to ``attend``.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import dilated_attention_op
 from ..ops._checks import check_attention_inputs
 from ..spec import DilatedSpec
-from ._pattern import head_slices
 
-_NEG_INF = float("-inf")
+_NAME = "masked_dilated_attention"
 
 
 def masked_dilated_attention(
@@ -40,7 +30,12 @@ def masked_dilated_attention(
     key_bias: Tensor | None = None,
     attn_bias: Tensor | None = None,
 ) -> Tensor:
-    """Dilated attention of ``query`` over ``key``/``value`` with additive masks.
+    """Dilated attention of ``query`` over ``key``/``value`` of one sequence, with additive biases.
+
+    A convenience wrapper over the fused op: the biases become one float ``attn_mask`` (a
+    ``key_bias`` alone stays a ``[B, 1, 1, N]`` view, never ``N x N``). With ``c[p, t]`` the
+    count matrix of the spec and ``m[p, t]`` the summed biases,
+    ``out_p = sum_t c[p,t] exp(s_pt + m_pt) v_t / sum_t c[p,t] exp(s_pt + m_pt)``.
 
     Args:
         query: ``[B, Hq, N, D]``.
@@ -48,19 +43,22 @@ def masked_dilated_attention(
             ``h // (Hq // Hkv)``).
         value: ``[B, Hkv, N, Dv]``.
         spec: the dilated pattern.
-        is_causal: keep only keys at or before the query position.
+        is_causal: keep only keys at or before the query position (together with the biases).
         scale: score scale, ``1/sqrt(D)`` when None.
         key_bias: ``[B, N]`` float, added to the score of every query with that key (``-inf``
             drops the key: a padding mask).
         attn_bias: float, broadcastable to ``[B, Hq, N, N]`` (dims of size 1 broadcast), added
             to the score of query ``p`` with key ``t``. Only its entries inside the dilated
-            pattern matter.
+            pattern are read.
+
+    The biases are applied in float64 for float64 queries, float32 otherwise. They get no
+    gradient: a bias that requires grad raises ``NotImplementedError``.
 
     Returns:
-        ``[B, Hq, N, Dv]`` in ``query.dtype`` (computed in float32, float64 for float64).
+        ``[B, Hq, N, Dv]`` in ``query.dtype``; a row that attends no key gives 0.
 
-    With no bias this equals ``dilated_attention`` (to rounding); use the fused op then, it
-    is faster and lighter.
+    For a bool mask (True = keep), or queries that are the last positions of a longer key
+    sequence, call ``dilated_compile.dilated_attention(..., attn_mask=...)`` instead.
 
     Example::
 
@@ -71,11 +69,44 @@ def masked_dilated_attention(
         >>> masked_dilated_attention(q, k, v, spec, key_bias=padding).shape
         torch.Size([2, 4, 20, 16])
     """
+    _check_one_sequence(query, key)
     check_attention_inputs(query, key, value)
-    batch, q_heads, seq_len, head_dim = query.shape
+    _check_biases(query, key_bias, attn_bias)
+    mask = _biases_as_mask(query, key_bias, attn_bias)
+    # The op itself rather than annotated SDPA: this function runs under any torch.compile
+    # backend, and the op takes is_causal together with a mask.
+    out, _ = dilated_attention_op(
+        query, key, value, list(spec.segment_lengths), list(spec.dilation_rates), spec.mode,
+        bool(is_causal), None if scale is None else float(scale), mask,
+    )
+    return out
+
+
+def _check_one_sequence(query: Tensor, key: Tensor) -> None:
+    """The biases are indexed by positions of one sequence: the keys must be the queries'."""
+    shaped = all(isinstance(t, Tensor) and t.dim() == 4 for t in (query, key))
+    if shaped and key.shape[2] != query.shape[2]:
+        raise ValueError(
+            f"{_NAME}: key and value must have the query's length (one sequence length N = "
+            f"{query.shape[2]}), got key seq_len {key.shape[2]}; for queries that are the last "
+            "positions of a longer key sequence (a KV cache) call "
+            "dilated_compile.dilated_attention(query, key, value, spec, attn_mask=...)"
+        )
+
+
+def _check_biases(query: Tensor, key_bias: Tensor | None, attn_bias: Tensor | None) -> None:
+    """``key_bias`` ``[B, N]`` and ``attn_bias`` broadcastable to ``[B, Hq, N, N]``, both float."""
+    batch, q_heads, seq_len, _ = query.shape
+    for name, bias in (("key_bias", key_bias), ("attn_bias", attn_bias)):
+        if bias is not None and not bias.is_floating_point():
+            raise TypeError(
+                f"{_NAME}: {name} must be floating point (added to the scores; -inf drops a pair), "
+                f"got {bias.dtype}; for a bool mask (True = keep) call "
+                "dilated_compile.dilated_attention(..., attn_mask=mask)"
+            )
     if key_bias is not None and tuple(key_bias.shape) != (batch, seq_len):
         raise ValueError(
-            f"masked_dilated_attention: key_bias must have shape [B, N] = [{batch}, {seq_len}], got "
+            f"{_NAME}: key_bias must have shape [B, N] = [{batch}, {seq_len}], got "
             f"{tuple(key_bias.shape)}"
         )
     full = (batch, q_heads, seq_len, seq_len)
@@ -84,93 +115,19 @@ def masked_dilated_attention(
         or any(a not in (1, f) for a, f in zip(reversed(attn_bias.shape), reversed(full)))
     ):
         raise ValueError(
-            f"masked_dilated_attention: attn_bias must broadcast to [B, Hq, N, N] = {list(full)}, got "
+            f"{_NAME}: attn_bias must broadcast to [B, Hq, N, N] = {list(full)}, got "
             f"{tuple(attn_bias.shape)}"
         )
-    kv_heads = key.shape[1]
-    if kv_heads != q_heads:
-        key = key.repeat_interleave(q_heads // kv_heads, dim=1)
-        value = value.repeat_interleave(q_heads // kv_heads, dim=1)
-    cdtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    q, k, v = query.to(cdtype) * scale, key.to(cdtype), value.to(cdtype)
-    if key_bias is not None:
-        key_bias = key_bias.to(cdtype)
-    if attn_bias is not None:
-        attn_bias = attn_bias.to(cdtype)
-        while attn_bias.dim() < 4:
-            attn_bias = attn_bias.unsqueeze(0)
-    if seq_len == 0:
-        return query.new_zeros(batch, q_heads, 0, value.shape[-1]) + 0.0 * query.sum()
-
-    slices = head_slices(spec, q_heads)
-    outs, lses = [], []
-    for config, (segment_length, _) in enumerate(spec.configs):
-        w = min(segment_length, seq_len)
-        segments = -(-seq_len // w)
-        pad = segments * w - seq_len
-
-        def split(x: Tensor) -> Tensor:  # [B, H, N, E] -> [B, H, S, w, E], zero-padded
-            return F.pad(x, (0, 0, 0, pad)).unflatten(2, (segments, w))
-
-        qs, ks, vs = split(q), split(k), split(v)
-        key_valid = (torch.arange(segments * w, device=q.device) < seq_len).view(segments, w)
-        kb = None if key_bias is None else F.pad(key_bias, (0, pad)).view(batch, segments, w)
-        ab = None if attn_bias is None else _diagonal_blocks(attn_bias, segments, w, pad)
-        out = q.new_zeros(batch, q_heads, segments, w, v.shape[-1])
-        lse = q.new_full((batch, q_heads, segments, w), _NEG_INF)
-        for part in slices:
-            if part.config != config or part.offset >= w:
-                continue  # another config's heads, or an offset with no row in a segment
-            rows, heads = slice(part.offset, None, part.dilation_rate), part.heads
-            scores = torch.matmul(qs[:, heads, :, rows], ks[:, heads, :, rows].transpose(-1, -2))
-            allowed = key_valid[:, rows].unsqueeze(-2)  # [S, 1, m]: keys past N are padding
-            if is_causal:
-                # Rows of one offset keep their order, so position order is row order.
-                m = scores.shape[-1]
-                allowed = allowed & torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
-            if kb is not None:
-                scores = scores + kb[:, None, :, None, rows]
-            if ab is not None:
-                ab_heads = heads if ab.shape[1] > 1 else slice(None)
-                scores = scores + ab[:, ab_heads, :, rows, rows]
-            scores = torch.where(allowed, scores, _NEG_INF)
-            part_out, part_lse = _attend(scores, vs[:, heads, :, rows])
-            out[:, heads, :, rows] = part_out
-            lse[:, heads, :, rows] = part_lse
-        outs.append(out.flatten(2, 3)[:, :, :seq_len])
-        lses.append(lse.flatten(2, 3)[:, :, :seq_len])
-    return _merge(outs, lses).to(query.dtype)
 
 
-def _diagonal_blocks(bias: Tensor, segments: int, w: int, pad: int) -> Tensor:
-    """The ``w x w`` diagonal blocks of a ``[b, h, N, N]`` bias: ``[b, h, S, w, w]``."""
-    padded = F.pad(bias, (0, pad, 0, pad))
-    blocks = padded.unflatten(-1, (segments, w)).unflatten(-3, (segments, w))  # [b,h,S,w,S,w]
-    return torch.diagonal(blocks, dim1=2, dim2=4).permute(0, 1, 4, 2, 3)
+def _biases_as_mask(query: Tensor, key_bias: Tensor | None, attn_bias: Tensor | None) -> Tensor | None:
+    """The biases summed into one float mask broadcastable to ``[B, Hq, N, N]``, or None.
 
-
-def _attend(scores: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax attention of masked scores (``-inf`` = no key): output and log-sum-exp per row.
-    A row with no key gives output 0, lse ``-inf`` and zero gradients (never NaN)."""
-    # Subtracting the (detached) row maximum is exact for the value and the gradient alike.
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max)
-    denom = weights.sum(dim=-1, keepdim=True)
-    nonempty = denom > 0
-    denom = torch.where(nonempty, denom, torch.ones_like(denom))
-    out = torch.matmul(weights, value) / denom
-    lse = torch.where(nonempty, denom.log() + row_max, _NEG_INF).squeeze(-1)
-    return out, lse
-
-
-def _merge(outs: list[Tensor], lses: list[Tensor]) -> Tensor:
-    """LongNet's merge: the configs' outputs weighted by their softmax denominators."""
-    lse = torch.stack(lses)  # [C, B, H, N]
-    top = lse.amax(dim=0, keepdim=True).detach()
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weights = torch.exp(lse - top)
-    denom = weights.sum(dim=0)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return (weights.unsqueeze(-1) * torch.stack(outs)).sum(dim=0) / denom.unsqueeze(-1)
+    ``key_bias`` ``[B, N]`` becomes the view ``[B, 1, 1, N]``: added to an ``attn_bias`` it
+    broadcasts to the shape of their sum, alone it is never expanded."""
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    key_mask = None if key_bias is None else key_bias.to(dtype)[:, None, None, :]
+    pair_mask = None if attn_bias is None else attn_bias.to(dtype)
+    if key_mask is None or pair_mask is None:
+        return key_mask if pair_mask is None else pair_mask
+    return key_mask + pair_mask

@@ -12,7 +12,6 @@ from ..spec import DilatedSpec
 from ._checks import check_attention_dropout, check_positive_int, check_probability
 from .attention import attend
 from .decoding import DilatedKVCache, dilated_attention_step
-from .masked import masked_dilated_attention
 
 _NAME = "MultiheadDilatedAttention"
 
@@ -51,10 +50,13 @@ class MultiheadDilatedAttention(nn.Module):
 
     - ``key_padding_mask`` ``[B, N]`` (bool: True = ignore that key; float: added to the scores)
       and ``attn_mask`` ``[N, N]`` or ``[B * H, N, N]`` (bool: True = not allowed; float: added)
-      are honoured exactly, on top of the dilated pattern, by ``masked_dilated_attention`` (plain
-      PyTorch; without masks the fused op runs). A query row left with no key gives 0 (where
-      ``nn.MultiheadAttention`` gives NaN). With right padding and a ``key_padding_mask`` each
-      sequence gets exactly the result it gets alone.
+      are honoured exactly, on top of the dilated pattern, by the fused op (the Triton kernels on
+      CUDA, the exact PyTorch implementation elsewhere). They become one SDPA-convention mask,
+      built only from what was passed: a ``key_padding_mask`` alone stays ``[B, 1, 1, N]``, never
+      ``N x N``. A float mask that requires grad raises ``NotImplementedError`` (masks get no
+      gradient). A query row left with no key gives 0 (where ``nn.MultiheadAttention`` gives
+      NaN). With right padding and a ``key_padding_mask`` each sequence gets exactly the result
+      it gets alone.
     - ``is_causal=True`` applies the causal mask (itself, not as a hint about ``attn_mask``; both
       apply when both are given).
     - ``need_weights=True`` raises ``NotImplementedError``: dilated attention never forms the
@@ -260,15 +262,13 @@ class MultiheadDilatedAttention(nn.Module):
         if query.shape[2] != self.embed_dim:
             raise ValueError(f"{_NAME}: query must have embed_dim {self.embed_dim}, got {tuple(query.shape)}")
 
-        key_bias = self._key_padding_bias(key_padding_mask, batch, seq_len, query)
-        attn_bias = self._attn_mask_bias(attn_mask, batch, seq_len, query)
+        mask = _combine_masks(
+            self._key_padding_view(key_padding_mask, batch, seq_len),
+            self._attn_mask_view(attn_mask, batch, seq_len),
+            query.dtype,
+        )
         q, k, v = self.project(query, key, value)
-        if key_bias is None and attn_bias is None:
-            heads = attend(self.spec, q, k, v, is_causal=is_causal)
-        else:
-            heads = masked_dilated_attention(
-                q, k, v, self.spec, is_causal=is_causal, key_bias=key_bias, attn_bias=attn_bias
-            )
+        heads = attend(self.spec, q, k, v, is_causal=is_causal, attn_mask=mask)
         out = self.merge(heads)
         if unbatched:
             out = out.squeeze(0)
@@ -276,7 +276,9 @@ class MultiheadDilatedAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, None
 
-    def _key_padding_bias(self, mask: Tensor | None, batch: int, seq_len: int, like: Tensor) -> Tensor | None:
+    def _key_padding_view(self, mask: Tensor | None, batch: int, seq_len: int) -> Tensor | None:
+        """``key_padding_mask`` ``[B, N]`` (True / -inf = ignore the key) as a ``[B, 1, 1, N]``
+        view, in ``nn.MultiheadAttention``'s convention still."""
         if mask is None:
             return None
         if tuple(mask.shape) != (batch, seq_len):
@@ -284,22 +286,26 @@ class MultiheadDilatedAttention(nn.Module):
                 f"{_NAME}: key_padding_mask must have shape [batch, seq_len] = [{batch}, {seq_len}] "
                 f"(or [seq_len] for unbatched inputs), got {tuple(mask.shape)}"
             )
-        return _as_bias("key_padding_mask", mask, like)
+        _check_mask_dtype("key_padding_mask", mask)
+        return mask.view(batch, 1, 1, seq_len)
 
-    def _attn_mask_bias(self, mask: Tensor | None, batch: int, seq_len: int, like: Tensor) -> Tensor | None:
+    def _attn_mask_view(self, mask: Tensor | None, batch: int, seq_len: int) -> Tensor | None:
+        """``attn_mask`` ``[N, N]`` or ``[B * H, N, N]`` (True / -inf = not allowed) as a view
+        ``[1, 1, N, N]`` or ``[B, H, N, N]``, in ``nn.MultiheadAttention``'s convention still."""
         if mask is None:
             return None
         if mask.dim() == 2 and tuple(mask.shape) == (seq_len, seq_len):
-            bias = mask.view(1, 1, seq_len, seq_len)
+            view = mask.view(1, 1, seq_len, seq_len)
         elif mask.dim() == 3 and tuple(mask.shape) == (batch * self.num_heads, seq_len, seq_len):
-            bias = mask.view(batch, self.num_heads, seq_len, seq_len)
+            view = mask.view(batch, self.num_heads, seq_len, seq_len)
         else:
             raise ValueError(
                 f"{_NAME}: attn_mask must have shape [N, N] = [{seq_len}, {seq_len}] or "
                 f"[batch * num_heads, N, N] = [{batch * self.num_heads}, {seq_len}, {seq_len}], got "
                 f"{tuple(mask.shape)}"
             )
-        return _as_bias("attn_mask", bias, like)
+        _check_mask_dtype("attn_mask", mask)
+        return view
 
     # --- incremental decoding --------------------------------------------------------------------
 
@@ -354,13 +360,34 @@ class MultiheadDilatedAttention(nn.Module):
         return out if self.batch_first else out.transpose(0, 1)
 
 
-def _as_bias(name: str, mask: Tensor, like: Tensor) -> Tensor:
-    """``nn.MultiheadAttention``'s mask conventions as an additive float bias."""
+def _check_mask_dtype(name: str, mask: Tensor) -> None:
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(
+            f"{_NAME}: {name} must be bool (True = masked out) or floating point (added to the "
+            f"scores), got {mask.dtype}"
+        )
+
+
+def _combine_masks(key_padding: Tensor | None, attn: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``nn.MultiheadAttention``'s masks (4-D views, bool True = masked out, or float added) as
+    one mask in SDPA's convention (bool True = keep, or float added), or None.
+
+    Both bool: ``keep = ~key_padding & ~attn``; otherwise a float mask in ``dtype`` (the query's),
+    ``-inf`` where a bool one masks out, the two summed. Broadcasting keeps the shapes of what
+    was passed: key padding alone stays ``[B, 1, 1, N]``; with an ``[N, N]`` mask the result is
+    ``[B, 1, N, N]``."""
+    masks = [m for m in (key_padding, attn) if m is not None]
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        dropped = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+        return ~dropped
+    biases = [_as_bias(m, dtype) for m in masks]
+    return biases[0] if len(biases) == 1 else biases[0] + biases[1]
+
+
+def _as_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A mask in ``nn.MultiheadAttention``'s convention as an additive float bias in ``dtype``."""
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(mask, float("-inf"))
-    if mask.is_floating_point():
-        return mask.to(like.dtype)
-    raise TypeError(
-        f"{_NAME}: {name} must be bool (True = masked out) or floating point (added to the scores), "
-        f"got {mask.dtype}"
-    )
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)

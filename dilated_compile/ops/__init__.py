@@ -6,4 +6,8 @@ Importing this package registers the ops. Passes, exporters and tests use the al
 from .annotation import annotation_op
 from .dilated_attention import dilated_attention_backward_op, dilated_attention_op
 
-__all__ = ["annotation_op", "dilated_attention_backward_op", "dilated_attention_op"]
+__all__ = [
+    "annotation_op",
+    "dilated_attention_backward_op",
+    "dilated_attention_op",
+]

@@ -60,28 +60,54 @@ def head_parts(
     return parts
 
 
-def segment_blocks(segment_length: int, seq_len: int) -> Iterator[SegmentBlock]:
-    """The full segments as one block, then the shorter last segment (if any) as another."""
+def segment_blocks(segment_length: int, seq_len: int, query_start: int = 0) -> Iterator[SegmentBlock]:
+    """The segments of ``[0, seq_len)`` that hold a query position (``>= query_start``), in
+    blocks whose segments share a length and the same first query row:
+
+    - the segment that holds ``query_start`` alone, when that position is not its first one
+      (its rows before ``query_start`` are keys only);
+    - the following full segments as one block;
+    - the shorter last segment (if any) alone.
+
+    With ``query_start = 0`` (as many queries as keys) that is every full segment as one block,
+    then the shorter last one. Segments before ``query_start`` hold no query, so they are never
+    visited: decoding one query against a long cache costs one segment per config."""
     w = min(segment_length, seq_len)
-    if w == 0:
+    if w == 0 or query_start >= seq_len:
         return
     full = seq_len // w
-    if full:
-        yield SegmentBlock(0, full, w)
+    first = query_start // w  # the first segment with a query
+    if first < full and query_start > first * w:
+        yield SegmentBlock(first * w, 1, w)
+        first += 1
+    if first < full:
+        yield SegmentBlock(first * w, full - first, w)
     if seq_len - full * w:
         yield SegmentBlock(full * w, 1, seq_len - full * w)
 
 
-def dilated_view(
-    x: torch.Tensor, heads: slice, block: SegmentBlock, offset: int, rate: int
+def segment_rows(
+    x: torch.Tensor, dim: int, block: SegmentBlock, start: int, first: int, step: int
 ) -> torch.Tensor:
-    """View ``x[:, heads]`` ([B, H, N, ...]) at the dilated rows of ``block``:
-    [B, h, num_segments, rows, ...]. A strided view, so in-place updates reach ``x``."""
-    end = block.start + block.num_segments * block.segment_length
-    segments = x[:, heads, block.start : end].unflatten(
-        2, (block.num_segments, block.segment_length)
-    )
-    return segments[:, :, :, offset::rate]
+    """View ``x`` along ``dim`` at the rows ``first, first + step, ...`` (``< segment_length``)
+    of each segment of ``block``, where index ``i`` of ``dim`` holds position ``start + i``:
+    ``dim`` becomes ``[num_segments, rows]``. A strided view, so in-place updates reach ``x``.
+
+    ``start`` may be positive (``x`` holds the last positions only, e.g. the queries of a KV
+    cache) as long as the first viewed row is in ``x``; a block of several segments must lie in
+    ``x`` entirely."""
+    dim = dim % x.dim()
+    offset = block.start - start
+    if block.num_segments == 1:  # may begin before x does: take only the rows from ``first``
+        rows = x.narrow(dim, offset + first, block.segment_length - first).unsqueeze(dim)
+        first = 0
+    else:
+        length = block.num_segments * block.segment_length
+        rows = x.narrow(dim, offset, length).unflatten(
+            dim, (block.num_segments, block.segment_length)
+        )
+    index = (slice(None),) * (dim + 1) + (slice(first, None, step),)
+    return rows[index]
 
 
 def kv_head_index(heads: slice, num_q_heads: int, num_kv_heads: int) -> slice | torch.Tensor:

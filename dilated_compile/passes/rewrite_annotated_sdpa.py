@@ -1,9 +1,11 @@
-"""Rewrite annotated SDPA calls into the dilated-attention op.
+"""Rewrite annotated SDPA calls into the ops of their attention families.
 
-Finds ``annotation(scaled_dot_product_attention(q, k, v, ...), payload)`` pairs (what
-``dilated(...)`` leaves in a captured graph) and replaces each pair with
-``dilated_attention(q, k, v, ...)[0]``. SDPA calls without an annotation are left alone. Works on
-Dynamo graphs (``F.scaled_dot_product_attention`` targets) and on aten-level graphs
+Finds ``annotation(scaled_dot_product_attention(q, k, v, ...), payload, pattern)`` pairs (what
+``dilated(...)`` and ``block_sparse(...)`` leave in a captured graph) and replaces each pair with
+the family's op, e.g. ``dilated_attention(q, k, v, ...)[0]``; the payload's ``"kind"`` picks the
+family (``attention_family``), and ``pattern`` (a block-sparse layout) becomes the op's tensor
+input. SDPA calls without an annotation are left alone. Works on Dynamo graphs
+(``F.scaled_dot_product_attention`` targets) and on aten-level graphs
 (``aten.scaled_dot_product_attention``, as in ``torch.export``). Running it twice changes nothing.
 
 Each rewrite is counted in ``torch._dynamo.utils.counters["dilated_compile"]["sdpa_rewritten"]``
@@ -24,9 +26,9 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from ..annotation import bind_sdpa_arguments, check_unsupported_sdpa_arguments
-from ..ops import annotation_op, dilated_attention_op
+from ..attention_family import family_of_payload
+from ..ops import annotation_op
 from ..ops._numerics import lse_dtype
-from ..spec import DilatedSpec
 
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 REWRITES_META_KEY = "dilated_compile.rewrites"
@@ -39,7 +41,7 @@ class Rewrite:
 
     node: str
     op: str
-    spec: DilatedSpec
+    spec: Any
     source: str = ""
 
     def __str__(self) -> str:
@@ -70,27 +72,42 @@ def _user_source(node: torch.fx.Node) -> str:
     return ""
 
 
-def _check(sdpa: torch.fx.Node, spec: DilatedSpec, arguments: dict[str, Any]) -> None:
+def _check(sdpa: torch.fx.Node, spec: Any, arguments: dict[str, Any]) -> None:
     # Tensor shapes were checked when the call was captured and are checked again by the op's
     # fake kernel; here: what the op cannot honour, and scalars the op needs as constants.
-    check_unsupported_sdpa_arguments(spec, arguments["attn_mask"], arguments["dropout_p"])
+    check_unsupported_sdpa_arguments(spec, arguments["dropout_p"])
     for name in ("is_causal", "scale", "enable_gqa"):
         if isinstance(arguments[name], torch.fx.Node):
             raise ValueError(
                 f"cannot rewrite {sdpa.name}: its {name} is computed in the graph "
-                f"({arguments[name].name}); the dilated op needs it as a constant"
+                f"({arguments[name].name}); the attention op needs it as a constant"
             )
 
 
+def _annotation_arguments(node: torch.fx.Node) -> tuple[Any, str, Any]:
+    """``(sdpa node, payload, pattern node or None)`` of an annotation node."""
+    sdpa, payload, *rest = node.args
+    pattern = rest[0] if rest else node.kwargs.get("pattern")
+    return sdpa, payload, pattern
+
+
+def _example(node: Any) -> Any:
+    """The example value of a graph node (what a spec is rebuilt around), or the value itself."""
+    if isinstance(node, torch.fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return node
+
+
 def rewrite_annotated_sdpa(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Replace every annotated SDPA pair in ``gm`` with the dilated op (in place; returns gm)."""
+    """Replace every annotated SDPA pair in ``gm`` with its family's op (in place; returns gm)."""
     graph = gm.graph
     rewrites = []
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not annotation_op:
             continue
-        sdpa, payload = node.args
-        spec = DilatedSpec.from_json(payload)
+        sdpa, payload, pattern = _annotation_arguments(node)
+        family = family_of_payload(payload)
+        spec = family.from_json(payload, _example(pattern))
         if not (isinstance(sdpa, torch.fx.Node) and sdpa.op == "call_function"
                 and sdpa.target in SDPA_TARGETS):
             raise ValueError(
@@ -99,22 +116,20 @@ def rewrite_annotated_sdpa(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             )
         arguments = bind_sdpa_arguments(sdpa.args, sdpa.kwargs)
         _check(sdpa, spec, arguments)
+        op_args = (arguments["query"], arguments["key"], arguments["value"],
+                   *family.pattern_args(spec, pattern),
+                   bool(arguments["is_causal"]), arguments["scale"])
+        if arguments["attn_mask"] is not None:  # unmasked calls keep the op's short form
+            op_args += (arguments["attn_mask"],)
         with graph.inserting_before(node):
-            op_node = graph.call_function(
-                dilated_attention_op,
-                (arguments["query"], arguments["key"], arguments["value"],
-                 list(spec.segment_lengths), list(spec.dilation_rates), spec.mode,
-                 bool(arguments["is_causal"]), arguments["scale"]),
-            )
+            op_node = graph.call_function(family.op, op_args)
             out_node = graph.call_function(operator.getitem, (op_node, 0))
         _copy_meta(sdpa, op_node, out_node)
         node.replace_all_uses_with(out_node)
         graph.erase_node(node)
         if not sdpa.users:
             graph.erase_node(sdpa)
-        rewrites.append(
-            Rewrite(sdpa.name, "dilated_compile.dilated_attention", spec, _user_source(sdpa))
-        )
+        rewrites.append(Rewrite(sdpa.name, family.op_name, spec, _user_source(sdpa)))
         counters["dilated_compile"]["sdpa_rewritten"] += 1
     if rewrites:
         graph.lint()

@@ -14,6 +14,17 @@ lse and Delta = rowsum(dO * O) - dL/dlse: each config's share of dq (per query b
 dk/dv (per key block, summing the query heads of a GQA group inside the program) is computed
 without atomics and added into fp32 accumulators, again one launch at a time.
 
+Queries may be fewer than keys (``Nq <= Nk``): query ``i`` stands at position ``Nk - Nq + i`` of
+the key sequence, so only segments that hold query positions get query programs, and a program's
+first rows may stand before the first query (they are masked off). ``attn_mask`` (bool or float,
+a ``[B, Hq, Nq, Nk]`` view whose broadcast dims have stride 0) is read through its strides at the
+tiles a program visits; a mask constant along the queries (key padding) is read as one key vector
+per tile, and only by programs whose keys it neither keeps nor removes entirely (prefix counts
+of the mask tell which, at four loads a program): where a padding mask keeps a whole segment
+the program runs the unmasked loop, where it removes one it does no work. Both are
+constexpr-gated (``QUERY_TAIL``, ``HAS_MASK``), so a call with neither compiles to kernels
+that hold none of their code.
+
 Scores are kept in the log2 domain (``exp2``, scale premultiplied by log2(e)); the lse the op
 returns is the natural-log one, converted at the boundary.
 """
@@ -72,15 +83,16 @@ def _configs(shapes: Sequence[tuple[int, int, int, int]]) -> list[triton.Config]
     ]
 
 
-# Keyed on the rows per segment (bucketed by the spec, not by N), the head dims, causality and
-# the merge flag (the autotuner adds the tensors' dtypes): a new sequence length never retunes.
-_TUNE_KEY = ["rows_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL"]
+# Keyed on the rows per segment (bucketed by the spec, not by N), the head dims, causality, mask,
+# fewer queries than keys and the merge flag (the autotuner adds the tensors' dtypes): a new
+# sequence length never retunes.
+_TUNE_KEY = ["rows_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "QUERY_TAIL"]
 
 # Scalars that vary with the spec, the heads and N are not specialised on (== 1, % 16): each
 # such value would compile another variant of every kernel. Strides stay specialised, since
 # 16-byte alignment of the rows is what lets the loads vectorise.
 _SCALARS = [
-    "N", "head_lo", "head_count", "kv_group", "seg_len", "rate", "fixed_offset", "rows_bucket",
+    "N", "NQ", "head_lo", "head_count", "kv_group", "seg_len", "rate", "fixed_offset", "rows_bucket",
     "num_heads", "num_kv_heads", "kv_lo", "kv_count", "num_offsets",
 ]
 
@@ -118,69 +130,195 @@ def _segment_rows(seg, seg_len, N, offset, rate):
 
 
 @triton.jit
-def _query_program(N, head_lo, head_count, seg_len, rate, fixed_offset):
+def _first_query_row(row0, q_off, rate):
+    """Index of the first dilated row (positions ``row0 + j * rate``) at or after ``q_off``, the
+    position of the first query."""
+    return tl.maximum(q_off - row0 + rate - 1, 0) // rate
+
+
+@triton.jit
+def _segment_of(pid_seg, N, NQ, seg_len, QUERY_TAIL: tl.constexpr):
+    """The segment of a program's ``pid_seg`` and the first query's position: with fewer queries
+    than keys the grid covers only the segments from the one holding that position."""
+    if QUERY_TAIL:
+        q_off = N - NQ
+        seg = pid_seg + q_off // seg_len
+    else:
+        q_off = 0
+        seg = pid_seg
+    return seg, q_off
+
+
+@triton.jit
+def _valid_rows(rows, first, n_rows, QUERY_TAIL: tl.constexpr):
+    """Which dilated rows of a block are queries: rows before ``first`` stand before the first
+    query position (only when ``QUERY_TAIL``), rows from ``n_rows`` on are past the segment."""
+    if QUERY_TAIL:
+        valid = (rows >= first) & (rows < n_rows)
+    else:
+        valid = rows < n_rows
+    return valid
+
+
+@triton.jit
+def _query_program(N, NQ, head_lo, head_count, seg_len, rate, fixed_offset,
+                   BLOCK_M: tl.constexpr, QUERY_TAIL: tl.constexpr):
     """The query-side program's place, from its ids (block of dilated rows, segment, batch x
-    head): (row block, batch, head, first position and number of the segment's dilated rows)."""
+    head): (row block, batch, head, first position and number of the segment's dilated rows,
+    first query row, position of the first query). Row blocks stay aligned to ``BLOCK_M`` within
+    the segment, so the causal split below still starts on a block boundary."""
     pid_m = tl.program_id(0)
-    seg = tl.program_id(1)
+    seg, q_off = _segment_of(tl.program_id(1), N, NQ, seg_len, QUERY_TAIL)
     pid_bh = tl.program_id(2)
     b = pid_bh // head_count
     h = head_lo + pid_bh % head_count
     offset = fixed_offset if fixed_offset >= 0 else h % rate
     row0, n_rows = _segment_rows(seg, seg_len, N, offset, rate)
-    return pid_m, b, h, row0, n_rows
+    if QUERY_TAIL:
+        first = _first_query_row(row0, q_off, rate)
+        block = first // BLOCK_M + pid_m
+    else:
+        first = 0
+        block = pid_m
+    return block, b, h, row0, n_rows, first, q_off
 
 
-@_jit
-def dilated_attention_fwd_kernel(
-    Q, K, V, Out, Lse,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sob, soh, son, sod, slb, slh, sln,
-    N, head_lo, head_count, kv_group, seg_len, rate, fixed_offset, scale_log2, rows_bucket,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # Inductor may pass the scale as a float64 scalar; keep the softmax state in float32.
-    scale_log2 = tl.cast(scale_log2, tl.float32)
-    pid_m, b, h, row0, n_rows = _query_program(N, head_lo, head_count, seg_len, rate, fixed_offset)
-    if pid_m * BLOCK_M >= n_rows:
-        return
-    kvh = h // kv_group
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+@triton.jit
+def _query_tile(block, row0, n_rows, first, q_off, rate, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                QUERY_TAIL: tl.constexpr):
+    """A query program's offsets: its dilated rows, a key tile's, the head dims', which rows are
+    queries, and their rows in q, out, lse and the mask (``[Nq]`` indices)."""
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    m_valid = offs_m < n_rows
-    pos_m = row0 + offs_m * rate
+    m_valid = _valid_rows(offs_m, first, n_rows, QUERY_TAIL)
+    q_rows = row0 - q_off + offs_m * rate
+    return offs_m, offs_n, offs_d, offs_dv, m_valid, q_rows
 
-    q = tl.load(Q + b * sqb + h * sqh + pos_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=m_valid[:, None], other=0.0)
-    k_base = K + b * skb + kvh * skh + row0 * skn
-    v_base = V + b * svb + kvh * svh + row0 * svn
-    k_step = rate * skn
-    v_step = rate * svn
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+@triton.jit
+def _mask_base(Mask, b, h, smb, smh):
+    """The mask's entries of batch ``b``, head ``h``. 64-bit offsets: a mask that varies along
+    queries and keys can hold more than 2**31 entries, unlike q, k and v."""
+    return Mask + b.to(tl.int64) * smb + h.to(tl.int64) * smh
 
-    # Key blocks that need no mask come first (BLOCK_M is a multiple of BLOCK_N, so the
-    # causal diagonal starts on a block boundary), then the partly masked tail.
-    if IS_CAUSAL:
-        full_end = pid_m * BLOCK_M
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, n_rows)
+
+@triton.jit
+def _mask_tile(mask_rows, mask_keys, start_n, offs_n, n_rows, rate, smk, m_valid,
+               MASK_PER_QUERY: tl.constexpr):
+    """The raw mask entries of the key tile from dilated key ``start_n`` (0 past the segment):
+    ``[BLOCK_M, BLOCK_N]``, or ``[1, BLOCK_N]`` for a mask constant along the queries.
+    ``mask_rows``: the entries' pointers of the program's query rows (``[BLOCK_M, 1]``), or of
+    batch and head alone; ``mask_keys``: the offsets of the first tile's keys."""
+    ok = (start_n + offs_n < n_rows)[None, :]
+    if MASK_PER_QUERY:
+        ok = ok & m_valid[:, None]
+    return tl.load(mask_rows + (start_n * rate * smk + mask_keys)[None, :], mask=ok, other=0)
+
+
+@triton.jit
+def _mask_bias(ptrs, ok, MASK_BOOL: tl.constexpr):
+    """attn_mask's term of a score tile in the log2 domain, read at ``ptrs`` where ``ok``."""
+    return _bias_of(tl.load(ptrs, mask=ok, other=0), MASK_BOOL)
+
+
+@triton.jit
+def _bias_of(m, MASK_BOOL: tl.constexpr):
+    """Raw mask entries as a term of the scores in the log2 domain: 0 or -inf for a bool mask
+    (True = keep), ``LOG2E * mask`` for a float one. (Float values below -FLT_MAX / LOG2E, such
+    as finfo(float32).min, become -inf there: removed pairs.)"""
+    if MASK_BOOL:
+        bias = tl.where(m != 0, 0.0, float("-inf"))
     else:
-        full_end = (n_rows // BLOCK_N) * BLOCK_N
-        hi = n_rows
+        bias = m.to(tl.float32) * _LOG2E
+    return bias
+
+
+@triton.jit
+def _finite_or_zero(x, GUARD: tl.constexpr):
+    """``x`` with -inf replaced by 0 when ``GUARD``: the base of an ``exp2`` for rows that may
+    have kept no key yet (with a mask), where ``exp2(-inf - -inf)`` would be NaN."""
+    if GUARD:
+        x = tl.where(x == float("-inf"), 0.0, x)
+    return x
+
+
+@triton.jit
+def _empty_rows_give_zero(lse2, GUARD: tl.constexpr):
+    """The backward's lse with -inf (a row that kept no key) replaced by +inf, so every
+    ``exp2(s - lse)`` of that row is 0 rather than inf or NaN."""
+    if GUARD:
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    return lse2
+
+
+@triton.jit
+def _probs(s, lse2, keep, FLOAT_MASK: tl.constexpr):
+    """The backward's attention weights ``exp2(s - lse)`` of the kept pairs. With a float mask,
+    a row whose kept scores are all huge and negative (a mask of -1e9, say) has s and lse where
+    float32 rounding can leave ``s - lse`` > 0 and its exp2 inf; the exact value is <= 0."""
+    x = s - lse2
+    if FLOAT_MASK:
+        x = tl.minimum(x, 0.0)
+    return tl.where(keep, tl.math.exp2(x), 0.0)
+
+
+# What a key span holds of a mask constant along the queries (key padding): every entry neutral
+# (True, or 0.0), every entry removing its pair (False, or -inf), or a mix. With such a mask the
+# launchers run each kernel twice (constexpr SPAN_FILTER): 1 = only the programs whose keys are
+# all neutral, without reading the mask; 2 = the others, reading it (none where all are removed).
+# Two launches rather than a branch inside one: each launch keeps the single top-level key loop
+# that the pipeliner handles, and a padded batch costs about an unmasked one.
+_SPAN_NEUTRAL = tl.constexpr(0)
+_SPAN_MIXED = tl.constexpr(1)
+_SPAN_REMOVED = tl.constexpr(2)
+
+
+@triton.jit
+def _key_span_state(Counts, b, h, scb, sch, N, row0, lo_row, hi_row, rate):
+    """How the key-padding mask treats the dilated key rows ``[lo_row, hi_row)`` (positions
+    ``row0 + j * rate``), from ``Counts`` (per batch and head, two planes of ``N + 1`` prefix
+    counts along the keys: of non-neutral entries, of removing ones). The dense span from the
+    first to the last of those positions is checked, a superset: a mixed answer is always safe."""
+    base = Counts + b.to(tl.int64) * scb + h.to(tl.int64) * sch
+    lo = row0 + lo_row * rate
+    hi = tl.maximum(row0 + (hi_row - 1) * rate + 1, lo)  # one past the last key's position
+    nonneutral = tl.load(base + hi) - tl.load(base + lo)
+    removed = tl.load(base + (N + 1) + hi) - tl.load(base + (N + 1) + lo)
+    return tl.where(nonneutral == 0, _SPAN_NEUTRAL,
+                    tl.where(removed == hi - lo, _SPAN_REMOVED, _SPAN_MIXED))
+
+
+@triton.jit
+def _fwd_keys(
+    acc, l_i, m_i, q, k_base, v_base, k_step, v_step, skd, svd, mask_rows, mask_keys, smk,
+    offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, full_end, hi, scale_log2,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
+    APPLY_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The forward's online softmax over the key rows ``[0, hi)`` of a program's segment: the
+    blocks before ``full_end`` need no bounds or causal check, the rest do. ``APPLY_MASK``: read
+    and add the mask (``HAS_MASK`` alone keeps the guards for rows a mask may empty)."""
+    if APPLY_MASK:
+        # Each tile's entries are loaded one tile ahead, so the load's latency hides behind a
+        # tile of work: the pipeliner prefetches only the loads that feed a dot.
+        mask_next = _mask_tile(mask_rows, mask_keys, 0, offs_n, n_rows, rate, smk, m_valid,
+                               MASK_PER_QUERY)
     for start_n in range(0, full_end, BLOCK_N):
         cols = start_n + offs_n
         k = tl.load(k_base + cols[None, :] * k_step + offs_d[:, None] * skd)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        if APPLY_MASK:
+            s += _bias_of(mask_next, MASK_BOOL)
+            mask_next = _mask_tile(mask_rows, mask_keys, start_n + BLOCK_N, offs_n, n_rows, rate,
+                                   smk, m_valid, MASK_PER_QUERY)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_base = _finite_or_zero(m_new, HAS_MASK)
+        p = tl.math.exp2(s - m_base[:, None])
+        alpha = tl.math.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -195,27 +333,103 @@ def dilated_attention_fwd_kernel(
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None])
         s = tl.where(keep, s, float("-inf"))
-        # Finite: every row keeps key 0 of its first block (itself or an earlier row).
+        if APPLY_MASK:  # the tile after the last full one is the first of these
+            s += _bias_of(mask_next, MASK_BOOL)
+            mask_next = _mask_tile(mask_rows, mask_keys, start_n + BLOCK_N, offs_n, n_rows, rate,
+                                   smk, m_valid, MASK_PER_QUERY)
+        # Without a mask m_new is finite: every row keeps key 0 of its first block (itself or
+        # an earlier row); a mask can empty a row, hence the guarded base.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_base = _finite_or_zero(m_new, HAS_MASK)
+        p = tl.math.exp2(s - m_base[:, None])
+        alpha = tl.math.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd,
                     mask=n_valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    return acc, l_i, m_i
 
+
+@_jit
+def dilated_attention_fwd_kernel(
+    Q, K, V, Out, Lse, Mask, Counts,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sob, soh, son, sod, slb, slh, sln, smb, smh, smq, smk, scb, sch,
+    N, NQ, head_lo, head_count, kv_group, seg_len, rate, fixed_offset, scale_log2, rows_bucket,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUERY_TAIL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    SPAN_FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Inductor may pass the scale as a float64 scalar; keep the softmax state in float32.
+    scale_log2 = tl.cast(scale_log2, tl.float32)
+    block, b, h, row0, n_rows, first, q_off = _query_program(
+        N, NQ, head_lo, head_count, seg_len, rate, fixed_offset, BLOCK_M, QUERY_TAIL)
+    if block * BLOCK_M >= n_rows:
+        return
+    kvh = h // kv_group
+
+    offs_m, offs_n, offs_d, offs_dv, m_valid, q_rows = _query_tile(
+        block, row0, n_rows, first, q_off, rate, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V, QUERY_TAIL)
+
+    q = tl.load(Q + b * sqb + h * sqh + q_rows[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_valid[:, None], other=0.0)
+    k_base = K + b * skb + kvh * skh + row0 * skn
+    v_base = V + b * svb + kvh * svh + row0 * svn
+    # A mask constant along the queries (key padding) is read as one key vector per tile.
+    mask_rows = _mask_base(Mask, b, h, smb, smh)
+    if MASK_PER_QUERY:
+        mask_rows += q_rows.to(tl.int64)[:, None] * smq
+    mask_keys = (row0 + offs_n * rate) * smk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+
+    # Key blocks that need no mask come first (BLOCK_M is a multiple of BLOCK_N, so the
+    # causal diagonal starts on a block boundary), then the partly masked tail.
+    if IS_CAUSAL:
+        full_end = block * BLOCK_M
+        hi = tl.minimum((block + 1) * BLOCK_M, n_rows)
+    else:
+        full_end = (n_rows // BLOCK_N) * BLOCK_N
+        hi = n_rows
+    if SPAN_FILTER != 0:
+        # Key padding, split over two launches (SPAN_FILTER, above): the first takes the
+        # programs whose keys the mask keeps entirely, unmasked; the second the others, masked,
+        # with no work where it removes every key (the rows get out 0, lse -inf here).
+        span = _key_span_state(Counts, b, h, scb, sch, N, row0, 0, hi, rate)
+        if SPAN_FILTER == 1:
+            if span != _SPAN_NEUTRAL:
+                return
+        else:
+            if span == _SPAN_NEUTRAL:
+                return
+            full_end = tl.where(span == _SPAN_REMOVED, 0, full_end)
+            hi = tl.where(span == _SPAN_REMOVED, 0, hi)
+    acc, l_i, m_i = _fwd_keys(
+        acc, l_i, m_i, q, k_base, v_base, rate * skn, rate * svn, skd, svd, mask_rows, mask_keys,
+        smk, offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, full_end, hi, scale_log2,
+        IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
+        APPLY_MASK=HAS_MASK and SPAN_FILTER != 1, MASK_BOOL=MASK_BOOL,
+        MASK_PER_QUERY=MASK_PER_QUERY, BLOCK_N=BLOCK_N)
+
+    if HAS_MASK:  # a row that kept no key: out 0, lse -inf + log2(1) = -inf
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     lse2 = m_i + tl.math.log2(l_i)
-    o_ptrs = Out + b * sob + h * soh + pos_m[:, None] * son + offs_dv[None, :] * sod
-    l_ptrs = Lse + b * slb + h * slh + pos_m * sln
+    o_ptrs = Out + b * sob + h * soh + q_rows[:, None] * son + offs_dv[None, :] * sod
+    l_ptrs = Lse + b * slb + h * slh + q_rows * sln
     if MERGE:
         # Log-sum-exp merge with what earlier configs wrote for these rows (-inf: nothing yet).
         old2 = tl.load(l_ptrs, mask=m_valid, other=0.0) * _LOG2E
         new2 = tl.maximum(old2, lse2)
-        new2 = new2 + tl.math.log2(tl.math.exp2(old2 - new2) + tl.math.exp2(lse2 - new2))
+        top = _finite_or_zero(new2, HAS_MASK)
+        new2 = top + tl.math.log2(tl.math.exp2(old2 - top) + tl.math.exp2(lse2 - top))
+        norm = _finite_or_zero(new2, HAS_MASK)
         old_out = tl.load(o_ptrs, mask=m_valid[:, None], other=0.0)
-        out = old_out * tl.math.exp2(old2 - new2)[:, None] + out * tl.math.exp2(lse2 - new2)[:, None]
+        out = old_out * tl.math.exp2(old2 - norm)[:, None] + out * tl.math.exp2(lse2 - norm)[:, None]
         lse2 = new2
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None])
     tl.store(l_ptrs, lse2 * _LN2, mask=m_valid)
@@ -228,7 +442,7 @@ def dilated_attention_bwd_delta_kernel(
     H, N,
     HEAD_DIM_V: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Delta = rowsum(dO * O) - dL/dlse (fp32, contiguous [B, H, N])."""
+    """Delta = rowsum(dO * O) - dL/dlse (fp32, contiguous [B, H, N]; N the query rows)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -246,43 +460,19 @@ def dilated_attention_bwd_delta_kernel(
     tl.store(Delta + pid_bh * N + rows, delta, mask=valid)
 
 
-@_jit
-def dilated_attention_bwd_dq_kernel(
-    Q, K, V, dOut, Lse, Delta, DQ,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sgb, sgh, sgn, sgd, slb, slh, sln,
-    N, num_heads, head_lo, head_count, kv_group, seg_len, rate, fixed_offset, scale_log2, rows_bucket,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+@triton.jit
+def _dq_keys(
+    dq, q, do, lse2, row_delta, k_base, v_base, skn, svn, skd, svd, mask_rows, mask_keys, smk,
+    offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, hi, scale_log2,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
+    APPLY_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """This launch's share of dq, added into DQ (fp32) when ACCUMULATE, else written (DQ in
-    q's dtype, or the fp32 buffer's first write). DQ is contiguous [B, Hq, N, D]."""
-    # Inductor may pass the scale as a float64 scalar; keep the softmax state in float32.
-    scale_log2 = tl.cast(scale_log2, tl.float32)
-    pid_m, b, h, row0, n_rows = _query_program(N, head_lo, head_count, seg_len, rate, fixed_offset)
-    if pid_m * BLOCK_M >= n_rows:
-        return
-    kvh = h // kv_group
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
-    m_valid = offs_m < n_rows
-    pos_m = row0 + offs_m * rate
-
-    q = tl.load(Q + b * sqb + h * sqh + pos_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=m_valid[:, None], other=0.0)
-    do = tl.load(dOut + b * sgb + h * sgh + pos_m[:, None] * sgn + offs_dv[None, :] * sgd,
-                 mask=m_valid[:, None], other=0.0)
-    lse2 = tl.load(Lse + b * slb + h * slh + pos_m * sln, mask=m_valid, other=0.0) * _LOG2E
-    row_delta = tl.load(Delta + (b * num_heads + h) * N + pos_m, mask=m_valid, other=0.0)
-    k_base = K + b * skb + kvh * skh + row0 * skn
-    v_base = V + b * svb + kvh * svh + row0 * svn
-
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, n_rows) if IS_CAUSAL else n_rows
+    """dq of a program's query rows over the key rows ``[0, hi)`` of its segment (see
+    ``_fwd_keys`` for ``APPLY_MASK``)."""
+    if APPLY_MASK:  # loaded one tile ahead, as in the forward
+        mask_next = _mask_tile(mask_rows, mask_keys, 0, offs_n, n_rows, rate, smk, m_valid,
+                               MASK_PER_QUERY)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < n_rows
@@ -294,37 +484,141 @@ def dilated_attention_bwd_dq_kernel(
         keep = m_valid[:, None] & n_valid[None, :]
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None])
-        p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+        if APPLY_MASK:
+            s += _bias_of(mask_next, MASK_BOOL)
+            mask_next = _mask_tile(mask_rows, mask_keys, start_n + BLOCK_N, offs_n, n_rows, rate,
+                                   smk, m_valid, MASK_PER_QUERY)
+        p = _probs(s, lse2[:, None], keep, HAS_MASK and not MASK_BOOL)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - row_delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
 
-    dq_ptrs = DQ + (b * num_heads + h) * N * HEAD_DIM + pos_m[:, None] * HEAD_DIM + offs_d[None, :]
+
+@_jit
+def dilated_attention_bwd_dq_kernel(
+    Q, K, V, dOut, Lse, Delta, DQ, Mask, Counts,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sgb, sgh, sgn, sgd, slb, slh, sln, smb, smh, smq, smk, scb, sch,
+    N, NQ, num_heads, head_lo, head_count, kv_group, seg_len, rate, fixed_offset, scale_log2,
+    rows_bucket,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUERY_TAIL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    SPAN_FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """This launch's share of dq, added into DQ (fp32) when ACCUMULATE, else written (DQ in
+    q's dtype, or the fp32 buffer's first write). DQ is contiguous [B, Hq, NQ, D]."""
+    # Inductor may pass the scale as a float64 scalar; keep the softmax state in float32.
+    scale_log2 = tl.cast(scale_log2, tl.float32)
+    block, b, h, row0, n_rows, first, q_off = _query_program(
+        N, NQ, head_lo, head_count, seg_len, rate, fixed_offset, BLOCK_M, QUERY_TAIL)
+    if block * BLOCK_M >= n_rows:
+        return
+    kvh = h // kv_group
+
+    offs_m, offs_n, offs_d, offs_dv, m_valid, q_rows = _query_tile(
+        block, row0, n_rows, first, q_off, rate, BLOCK_M, BLOCK_N, HEAD_DIM, HEAD_DIM_V, QUERY_TAIL)
+
+    q = tl.load(Q + b * sqb + h * sqh + q_rows[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=m_valid[:, None], other=0.0)
+    do = tl.load(dOut + b * sgb + h * sgh + q_rows[:, None] * sgn + offs_dv[None, :] * sgd,
+                 mask=m_valid[:, None], other=0.0)
+    lse2 = tl.load(Lse + b * slb + h * slh + q_rows * sln, mask=m_valid, other=0.0) * _LOG2E
+    lse2 = _empty_rows_give_zero(lse2, HAS_MASK)
+    row_delta = tl.load(Delta + (b * num_heads + h) * NQ + q_rows, mask=m_valid, other=0.0)
+    k_base = K + b * skb + kvh * skh + row0 * skn
+    v_base = V + b * svb + kvh * svh + row0 * svn
+    mask_rows = _mask_base(Mask, b, h, smb, smh)
+    if MASK_PER_QUERY:
+        mask_rows += q_rows.to(tl.int64)[:, None] * smq
+    mask_keys = (row0 + offs_n * rate) * smk
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = tl.minimum((block + 1) * BLOCK_M, n_rows) if IS_CAUSAL else n_rows
+    if SPAN_FILTER != 0:  # key padding in two launches, as in the forward
+        span = _key_span_state(Counts, b, h, scb, sch, N, row0, 0, hi, rate)
+        if SPAN_FILTER == 1:  # the others' dq is 0 here (the second launch adds it)
+            hi = tl.where(span == _SPAN_NEUTRAL, hi, 0)
+        else:
+            if span != _SPAN_MIXED:
+                return
+    dq = _dq_keys(
+        dq, q, do, lse2, row_delta, k_base, v_base, skn, svn, skd, svd, mask_rows, mask_keys, smk,
+        offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, hi, scale_log2,
+        IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
+        APPLY_MASK=HAS_MASK and SPAN_FILTER != 1, MASK_BOOL=MASK_BOOL,
+        MASK_PER_QUERY=MASK_PER_QUERY, BLOCK_N=BLOCK_N)
+
+    dq_ptrs = DQ + (b * num_heads + h) * NQ * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :]
     dq = dq * (scale_log2 * _LN2)
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=m_valid[:, None], other=0.0)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
 
 
+@triton.jit
+def _dkdv_queries(
+    dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, sqn, sqd, sgn, sgd, sln, smq,
+    offs_m, offs_n, offs_d, offs_dv, n_valid, row0, q_off, first, lo, q_end, n_rows, rate,
+    scale_log2, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, QUERY_TAIL: tl.constexpr,
+    HAS_MASK: tl.constexpr, APPLY_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    MASK_PER_QUERY: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dk, dv of a program's key rows from one query head's rows ``[lo, q_end)`` of the
+    segment's ``n_rows`` (see ``_fwd_keys`` for ``APPLY_MASK``)."""
+    if APPLY_MASK and not MASK_PER_QUERY:  # one key vector serves every query row
+        key_bias = _mask_bias(mask_base, n_valid[:, None], MASK_BOOL)
+    for start_m in range(lo, q_end, BLOCK_M):
+        rows = start_m + offs_m
+        m_valid = _valid_rows(rows, first, n_rows, QUERY_TAIL)
+        q = tl.load(q_base + rows[:, None] * (rate * sqn) + offs_d[None, :] * sqd,
+                    mask=m_valid[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * (rate * sgn) + offs_dv[None, :] * sgd,
+                     mask=m_valid[:, None], other=0.0)
+        lse2 = tl.load(l_base + rows * (rate * sln), mask=m_valid, other=0.0) * _LOG2E
+        lse2 = _empty_rows_give_zero(lse2, HAS_MASK)
+        row_delta = tl.load(d_base + rows * rate, mask=m_valid, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        keep = n_valid[:, None] & m_valid[None, :]
+        if IS_CAUSAL:
+            keep = keep & (offs_n[:, None] <= rows[None, :])
+        if APPLY_MASK:
+            if MASK_PER_QUERY:
+                q_rows = row0 - q_off + rows * rate
+                s_t += _mask_bias(mask_base + (q_rows.to(tl.int64) * smq)[None, :], keep,
+                                  MASK_BOOL)
+            else:
+                s_t += key_bias
+        p_t = _probs(s_t, lse2[None, :], keep, HAS_MASK and not MASK_BOOL)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - row_delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
 @_jit
 def dilated_attention_bwd_dkdv_kernel(
-    Q, K, V, dOut, Lse, Delta, DK, DV,
+    Q, K, V, dOut, Lse, Delta, DK, DV, Mask, Counts,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sgb, sgh, sgn, sgd, slb, slh, sln,
-    N, num_heads, num_kv_heads, kv_lo, kv_count, num_offsets, head_lo, head_count, kv_group,
+    sgb, sgh, sgn, sgd, slb, slh, sln, smb, smh, smq, smk, scb, sch,
+    N, NQ, num_heads, num_kv_heads, kv_lo, kv_count, num_offsets, head_lo, head_count, kv_group,
     seg_len, rate, fixed_offset, scale_log2, rows_bucket,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUERY_TAIL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    SPAN_FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """This launch's share of dk, dv (added, or written unless ACCUMULATE, as for dq) for one
     block of key rows of one (kv head, offset); the
     program sums over the query heads of the kv head's GQA group that use this offset, so no
     two programs write the same rows. The grid covers the kv heads ``[kv_lo, kv_lo + kv_count)``
-    of the launch's query heads. DK/DV are contiguous [B, Hkv, N, D(v)]."""
+    of the launch's query heads and (``QUERY_TAIL``) only the segments holding queries; the
+    caller zeroes DK/DV for the rest. DK/DV are contiguous [B, Hkv, N, D(v)]."""
     scale_log2 = tl.cast(scale_log2, tl.float32)
     pid_n = tl.program_id(0)
-    seg = tl.program_id(1)
+    seg, q_off = _segment_of(tl.program_id(1), N, NQ, seg_len, QUERY_TAIL)
     pid = tl.program_id(2)
     b = pid // (kv_count * num_offsets)
     kvh = kv_lo + (pid // num_offsets) % kv_count
@@ -347,33 +641,40 @@ def dilated_attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], tl.float32)
     # Causal: query rows before this key block see none of it; start on a BLOCK_M boundary.
     lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
+    if QUERY_TAIL:  # nor do rows before the first query
+        first = _first_query_row(row0, q_off, rate)
+        lo = tl.maximum(lo, (first // BLOCK_M) * BLOCK_M)
+    else:
+        first = 0
+
+    q_end = n_rows
+    if SPAN_FILTER != 0:
+        # Key padding the same for every head (the launcher checks), in two launches as in the
+        # forward: the first does this key block's gradient where the mask keeps all of it
+        # (else writes 0), the second adds it where the mask keeps a part.
+        span = _key_span_state(Counts, b, kvh, scb, sch, N, row0, pid_n * BLOCK_N,
+                               tl.minimum((pid_n + 1) * BLOCK_N, n_rows), rate)
+        if SPAN_FILTER == 1:
+            q_end = tl.where(span == _SPAN_NEUTRAL, n_rows, lo)
+        else:
+            if span != _SPAN_MIXED:
+                return
 
     for g in range(0, kv_group):
         h = kvh * kv_group + g
         in_launch = (h >= head_lo) & (h < head_lo + head_count)
         if in_launch & ((fixed_offset >= 0) | (h % rate == offset)):
-            q_base = Q + b * sqb + h * sqh + row0 * sqn
-            do_base = dOut + b * sgb + h * sgh + row0 * sgn
-            l_base = Lse + b * slb + h * slh + row0 * sln
-            d_base = Delta + (b * num_heads + h) * N + row0
-            for start_m in range(lo, n_rows, BLOCK_M):
-                rows = start_m + offs_m
-                m_valid = rows < n_rows
-                q = tl.load(q_base + rows[:, None] * (rate * sqn) + offs_d[None, :] * sqd,
-                            mask=m_valid[:, None], other=0.0)
-                do = tl.load(do_base + rows[:, None] * (rate * sgn) + offs_dv[None, :] * sgd,
-                             mask=m_valid[:, None], other=0.0)
-                lse2 = tl.load(l_base + rows * (rate * sln), mask=m_valid, other=0.0) * _LOG2E
-                row_delta = tl.load(d_base + rows * rate, mask=m_valid, other=0.0)
-                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-                keep = n_valid[:, None] & m_valid[None, :]
-                if IS_CAUSAL:
-                    keep = keep & (offs_n[:, None] <= rows[None, :])
-                p_t = tl.where(keep, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-                ds_t = p_t * (dp_t - row_delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            q_base = Q + b * sqb + h * sqh + (row0 - q_off) * sqn
+            do_base = dOut + b * sgb + h * sgh + (row0 - q_off) * sgn
+            l_base = Lse + b * slb + h * slh + (row0 - q_off) * sln
+            d_base = Delta + (b * num_heads + h) * NQ + (row0 - q_off)
+            mask_base = _mask_base(Mask, b, h, smb, smh) + pos_n[:, None] * smk
+            dk, dv = _dkdv_queries(
+                dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, sqn, sqd, sgn, sgd, sln,
+                smq, offs_m, offs_n, offs_d, offs_dv, n_valid, row0, q_off, first, lo, q_end,
+                n_rows, rate, scale_log2, IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION,
+                QUERY_TAIL=QUERY_TAIL, HAS_MASK=HAS_MASK, APPLY_MASK=HAS_MASK and SPAN_FILTER != 1,
+                MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY, BLOCK_M=BLOCK_M)
 
     kv_row = (b * num_kv_heads + kvh) * N + pos_n
     dk_ptrs = DK + kv_row[:, None] * HEAD_DIM + offs_d[None, :]
@@ -457,70 +758,156 @@ def _rows_bucket(launch: Launch) -> int:
     return triton.next_power_of_2(-(-launch.segment_length // launch.rate))
 
 
-def _geometry(launch: Launch, seq_len):
-    """(effective segment length, number of segments, max dilated rows per segment)."""
-    w = torch.sym_min(launch.segment_length, seq_len)
-    return w, (seq_len + w - 1) // w, (w + launch.rate - 1) // launch.rate
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Where one launch's programs go on a call with ``Nq`` queries and ``Nk`` keys."""
+
+    seg_len: int  # effective segment length min(w, Nk)
+    num_segments: int  # segments holding at least one query position (the last ones)
+    max_rows: int  # most dilated rows a segment has
+    query_rows: int  # most dilated query rows a segment has
+    query_tail: bool  # Nq < Nk
+
+    @staticmethod
+    def of(launch: Launch, seq_q, seq_k) -> _Geometry:
+        w = torch.sym_min(launch.segment_length, seq_k)
+        max_rows = (w + launch.rate - 1) // launch.rate
+        # Positions Nk - Nq .. Nk - 1 fall in ceil(Nq / r) dilated rows at most.
+        query_rows = torch.sym_min(max_rows, (seq_q + launch.rate - 1) // launch.rate)
+        num_segments = (seq_k + w - 1) // w - (seq_k - seq_q) // w
+        return _Geometry(w, num_segments, max_rows, query_rows, seq_q != seq_k)
+
+    def row_blocks(self, block: int):
+        """Query programs along a segment's rows: their blocks stay aligned within the segment,
+        so with fewer queries than keys the query rows may straddle one block more."""
+        if not self.query_tail:
+            return triton.cdiv(self.max_rows, block)
+        return torch.sym_min(triton.cdiv(self.max_rows, block), triton.cdiv(self.query_rows, block) + 1)
 
 
-def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale):
-    """Dilated attention with the Triton kernels. Shapes as the op's: q [B, Hq, N, D],
-    k [B, Hkv, N, D], v [B, Hkv, N, Dv] -> out [B, Hq, N, Dv] (q.dtype), lse [B, Hq, N] (fp32).
-    The caller checks the inputs and ``supports``; ``scale`` is resolved."""
-    batch, num_heads, seq_len, head_dim = q.shape
-    head_dim_v = v.shape[-1]
+def _key_counts(keys: torch.Tensor) -> torch.Tensor:
+    """Prefix counts along the keys of a key-padding mask ``keys`` ``[B', H', Nk]``: plane 0 of
+    ``[B', H', 2, Nk + 1]`` (int32) holds at ``p`` how many of the entries before position ``p``
+    are not neutral (not True, not 0.0), plane 1 how many remove their pair (False; a float
+    whose score term the kernels make -inf). A kernel reads a span's state from four of them
+    instead of the span's entries. (Planes, not interleaved pairs: a scan along the last dim is
+    fast, one along an outer dim of two columns is not.)"""
+    if keys.dtype == torch.bool:
+        nonneutral = removed = keys.logical_not()
+    else:
+        nonneutral = keys != 0
+        removed = (keys.to(torch.float32) * LOG2E) == float("-inf")
+    counts = torch.stack((nonneutral, removed), dim=2).to(torch.int32).cumsum(3, dtype=torch.int32)
+    return torch.nn.functional.pad(counts, (1, 0))
+
+
+def _bytes_of(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as uint8 (1 = keep) with the same broadcast view. Converted on its stored
+    entries only (the dims it broadcasts over are cut to one first), so a key-padding mask
+    stays ``B * Nk`` bytes; a copy rather than ``view(torch.uint8)``, which Inductor cannot
+    lower for a mask it computed itself."""
+    stored = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+    return stored.to(torch.uint8).expand(mask.shape)
+
+
+def _mask_args(attn_mask, q):
+    """(tensor, its four strides, key counts, their two strides, constexpr flags) that the
+    kernels take for ``attn_mask``, a ``[B, Hq, Nq, Nk]`` view (stride 0 on broadcast dims) or
+    None. Bool masks travel as uint8 views (one byte, 1 = keep). A mask constant along the
+    queries (stride 0, or a single query) is read as one key vector per tile, and its prefix
+    counts (``_key_counts``, per batch and head it varies over; None for other masks) let the
+    launches skip the mask over keys that are all kept, and the work over keys that are all
+    removed (``SPAN_FILTER``)."""
+    if attn_mask is None:
+        flags = dict(HAS_MASK=False, MASK_BOOL=False, MASK_PER_QUERY=False)
+        return q, (0, 0, 0, 0), None, (0, 0), flags
+    is_bool = attn_mask.dtype == torch.bool
+    tensor = _bytes_of(attn_mask) if is_bool else attn_mask
+    per_query = attn_mask.shape[2] != 1 and attn_mask.stride(2) != 0
+    flags = dict(HAS_MASK=True, MASK_BOOL=is_bool, MASK_PER_QUERY=per_query)
+    if per_query:
+        return tensor, tensor.stride(), None, (0, 0), flags
+    keys = attn_mask[:, :, 0, :]
+    varies = [keys.shape[d] != 1 and keys.stride(d) != 0 for d in (0, 1)]
+    keys = keys[: None if varies[0] else 1, : None if varies[1] else 1]
+    counts = _key_counts(keys)
+    count_strides = tuple(counts.stride(d) if varies[d] else 0 for d in (0, 1))
+    return tensor, tensor.stride(), counts, count_strides, flags
+
+
+def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, attn_mask=None):
+    """Dilated attention with the Triton kernels. Shapes as the op's: q [B, Hq, Nq, D],
+    k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (Nq <= Nk: query i stands at position Nk - Nq + i),
+    attn_mask None or a [B, Hq, Nq, Nk] view (bool or float) -> out [B, Hq, Nq, Dv] (q.dtype),
+    lse [B, Hq, Nq] (fp32, -inf on rows that keep no key). The caller checks the inputs and
+    ``supports``; ``scale`` is resolved."""
+    batch, num_heads, seq_q, head_dim = q.shape
+    seq_k, head_dim_v = k.shape[2], v.shape[-1]
+    lse_shape = (batch, num_heads, seq_q)
+    if seq_q == 0:
+        return q.new_empty(batch, num_heads, 0, head_dim_v), q.new_empty(lse_shape, dtype=torch.float32)
     launches = plan_launches(segment_lengths, dilation_rates, mode, num_heads)
+    # A rate-1 config over every head writes every query row (masked rows too: 0 and -inf).
     every_row_covered = launches[0].rate == 1 and launches[0].head_count == num_heads
     merging = len(launches) > 1 and mode == "mixture"
     if merging:
         # fp32 running output; the first launch (rate 1) overwrites it, else start from zero.
         alloc = torch.empty if every_row_covered else torch.zeros
-        acc = alloc(batch, num_heads, seq_len, head_dim_v, device=q.device, dtype=torch.float32)
+        acc = alloc(batch, num_heads, seq_q, head_dim_v, device=q.device, dtype=torch.float32)
     elif every_row_covered:
-        acc = torch.empty(batch, num_heads, seq_len, head_dim_v, device=q.device, dtype=q.dtype)
+        acc = torch.empty(batch, num_heads, seq_q, head_dim_v, device=q.device, dtype=q.dtype)
     else:  # rows no launch writes are 0, with lse -inf
-        acc = torch.zeros(batch, num_heads, seq_len, head_dim_v, device=q.device, dtype=q.dtype)
-    lse_shape = (batch, num_heads, seq_len)
+        acc = torch.zeros(batch, num_heads, seq_q, head_dim_v, device=q.device, dtype=q.dtype)
     if every_row_covered:
         lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     else:
         lse = torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32)
+    mask, mask_strides, counts, count_strides, mask_flags = _mask_args(attn_mask, q)
+    # Key padding: two launches per config (SPAN_FILTER); they share every row's one writer.
+    filters = (0,) if counts is None else (1, 2)
 
     for index, launch in enumerate(launches):
-        w, num_segments, max_rows = _geometry(launch, seq_len)
-        grid = lambda meta, rows=max_rows, segs=num_segments, heads=batch * launch.head_count: (
-            triton.cdiv(rows, meta["BLOCK_M"]), segs, heads,
+        geo = _Geometry.of(launch, seq_q, seq_k)
+        grid = lambda meta, geo=geo, heads=batch * launch.head_count: (
+            geo.row_blocks(meta["BLOCK_M"]), geo.num_segments, heads,
         )
-        _launcher(_FWD[q.dtype == torch.float32])[grid](
-            q, k, v, acc, lse,
-            *q.stride(), *k.stride(), *v.stride(), *acc.stride(), *lse.stride(),
-            seq_len, launch.head_lo, launch.head_count, num_heads // k.shape[1], w, launch.rate,
-            launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
-            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, IS_CAUSAL=is_causal,
-            MERGE=merging and (index > 0 or not every_row_covered),
-            DOT_PRECISION=_dot_precision(q.dtype),
-        )
+        for span_filter in filters:
+            _launcher(_FWD[q.dtype == torch.float32])[grid](
+                q, k, v, acc, lse, mask, q if counts is None else counts,
+                *q.stride(), *k.stride(), *v.stride(), *acc.stride(), *lse.stride(), *mask_strides,
+                *count_strides,
+                seq_k, seq_q, launch.head_lo, launch.head_count, num_heads // k.shape[1],
+                geo.seg_len, launch.rate, launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
+                HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, IS_CAUSAL=is_causal,
+                MERGE=merging and (index > 0 or not every_row_covered),
+                DOT_PRECISION=_dot_precision(q.dtype), QUERY_TAIL=seq_q != seq_k,
+                SPAN_FILTER=span_filter, **mask_flags,
+            )
     out = acc.to(q.dtype) if acc.dtype != q.dtype else acc
     return out, lse
 
 
 def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_rates, mode,
-             is_causal, scale):
-    """dq, dk, dv with the Triton kernels (see ``forward`` for shapes)."""
-    batch, num_heads, seq_len, head_dim = q.shape
-    num_kv_heads, head_dim_v = k.shape[1], v.shape[-1]
+             is_causal, scale, attn_mask=None):
+    """dq, dk, dv with the Triton kernels (see ``forward`` for shapes). Key rows that no query
+    attends (with Nq < Nk, or masked out) get zero gradients."""
+    batch, num_heads, seq_q, head_dim = q.shape
+    num_kv_heads, seq_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    if seq_q == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     launches = plan_launches(segment_lengths, dilation_rates, mode, num_heads)
     precision = _dot_precision(q.dtype)
+    query_tail = seq_q != seq_k
 
-    delta = torch.empty(batch, num_heads, seq_len, device=q.device, dtype=torch.float32)
+    delta = torch.empty(batch, num_heads, seq_q, device=q.device, dtype=torch.float32)
     lse_grad = grad_lse if grad_lse is not None else lse  # any tensor; unread without grad_lse
     delta_block = 64 if not _interpreting() else 16
     _launcher(dilated_attention_bwd_delta_kernel)[
-        (triton.cdiv(seq_len, delta_block), batch * num_heads)
+        (triton.cdiv(seq_q, delta_block), batch * num_heads)
     ](
         out, grad_out, lse_grad, delta,
         *out.stride(), *grad_out.stride(), *lse_grad.stride(),
-        num_heads, seq_len,
+        num_heads, seq_q,
         HEAD_DIM_V=head_dim_v, HAS_GRAD_LSE=grad_lse is not None, BLOCK=delta_block,
     )
 
@@ -537,42 +924,60 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
         for g in range(num_kv_heads)
     )
     covered = launches[0].rate == 1 and launches[0].head_count == num_heads
-    alloc = torch.empty if covered else torch.zeros
+    # With fewer queries than keys, key programs run only on segments holding queries: the
+    # key rows before them keep the zeros they start with (the first launch still writes
+    # without reading: nothing was added before it).
+    kv_covered = covered and not query_tail
 
-    def buffer(shape, dtype, is_direct):
+    def buffer(shape, dtype, is_direct, is_covered):
+        alloc = torch.empty if is_covered else torch.zeros
         return alloc(shape, device=q.device, dtype=dtype if is_direct else torch.float32)
 
-    dq = buffer(q.shape, q.dtype, direct)
-    dk = buffer(k.shape[:3] + (head_dim,), k.dtype, kv_direct)
-    dv = buffer(k.shape[:3] + (head_dim_v,), v.dtype, kv_direct)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride())
+    dq = buffer(q.shape, q.dtype, direct, covered)
+    dk = buffer(k.shape[:3] + (head_dim,), k.dtype, kv_direct, kv_covered)
+    dv = buffer(k.shape[:3] + (head_dim_v,), v.dtype, kv_direct, kv_covered)
+    mask, mask_strides, counts, count_strides, mask_flags = _mask_args(attn_mask, q)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(),
+               *mask_strides, *count_strides)
+    # Key padding: two launches each (SPAN_FILTER), the second adding to the first, which writes
+    # 0 where it leaves the work to the second (so a gradient in its final dtype stays exact).
+    # dk/dv take them only when the mask is the same for every head: a key block's programs sum
+    # over the heads of a kv head's group, which would otherwise straddle the two launches.
+    dq_filters = (0,) if counts is None else (1, 2)
+    kv_filters = (1, 2) if counts is not None and count_strides[1] == 0 else (0,)
+    if counts is None:
+        counts = q
     for index, launch in enumerate(launches):
-        w, num_segments, max_rows = _geometry(launch, seq_len)
+        geo = _Geometry.of(launch, seq_q, seq_k)
         common = dict(
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, IS_CAUSAL=is_causal, DOT_PRECISION=precision,
+            QUERY_TAIL=query_tail, **mask_flags,
         )
         first_write = index == 0 and covered
-        grid = lambda meta, rows=max_rows, segs=num_segments, heads=batch * launch.head_count: (
-            triton.cdiv(rows, meta["BLOCK_M"]), segs, heads,
+        grid = lambda meta, geo=geo, heads=batch * launch.head_count: (
+            geo.row_blocks(meta["BLOCK_M"]), geo.num_segments, heads,
         )
-        _launcher(_DQ[q.dtype == torch.float32])[grid](
-            q, k, v, grad_out, lse, delta, dq, *strides,
-            seq_len, num_heads, launch.head_lo, launch.head_count, kv_group, w, launch.rate,
-            launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
-            ACCUMULATE=not (direct or first_write), **common,
-        )
+        for span_filter in dq_filters:
+            _launcher(_DQ[q.dtype == torch.float32])[grid](
+                q, k, v, grad_out, lse, delta, dq, mask, counts, *strides,
+                seq_k, seq_q, num_heads, launch.head_lo, launch.head_count, kv_group, geo.seg_len,
+                launch.rate, launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
+                ACCUMULATE=span_filter == 2 or not (direct or first_write),
+                SPAN_FILTER=span_filter, **common,
+            )
         num_offsets = 1 if launch.fixed_offset >= 0 else min(launch.rate, num_heads)
         kv_lo = launch.head_lo // kv_group
         kv_count = -(-(launch.head_lo + launch.head_count) // kv_group) - kv_lo
-        kv_grid = lambda meta, rows=max_rows, segs=num_segments, progs=batch * kv_count * num_offsets: (
-            triton.cdiv(rows, meta["BLOCK_N"]), segs, progs,
+        kv_grid = lambda meta, geo=geo, progs=batch * kv_count * num_offsets: (
+            triton.cdiv(geo.max_rows, meta["BLOCK_N"]), geo.num_segments, progs,
         )
-        _launcher(_DKDV[q.dtype == torch.float32])[kv_grid](
-            q, k, v, grad_out, lse, delta, dk, dv, *strides,
-            seq_len, num_heads, num_kv_heads, kv_lo, kv_count, num_offsets, launch.head_lo,
-            launch.head_count, kv_group, w, launch.rate, launch.fixed_offset, scale * LOG2E,
-            _rows_bucket(launch),
-            ACCUMULATE=not (kv_direct or first_write), **common,
-        )
+        for span_filter in kv_filters:
+            _launcher(_DKDV[q.dtype == torch.float32])[kv_grid](
+                q, k, v, grad_out, lse, delta, dk, dv, mask, counts, *strides,
+                seq_k, seq_q, num_heads, num_kv_heads, kv_lo, kv_count, num_offsets,
+                launch.head_lo, launch.head_count, kv_group, geo.seg_len, launch.rate,
+                launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
+                ACCUMULATE=span_filter == 2 or not (kv_direct or first_write),
+                SPAN_FILTER=span_filter, **common,
+            )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-

@@ -33,6 +33,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import median_ms
 
 from dilated_compile import DilatedSpec
 from dilated_compile.ops import dilated_attention_op
@@ -218,20 +219,7 @@ def inputs(n, requires_grad, seed=0):
 
 
 def bench(fn, e: Experiment, q, k, v):
-    from triton.testing import do_bench
-
-    if e.backward:
-        grad = torch.randn_like(q)
-
-        def step():
-            for t in (q, k, v):
-                t.grad = None
-            fn(q, k, v, e).backward(grad)
-    else:
-        def step():
-            with torch.no_grad():
-                fn(q, k, v, e)
-    return do_bench(step, warmup=25, rep=100, return_mode="median")
+    return median_ms(lambda: fn(q, k, v, e), [q, k, v], e.backward)
 
 
 def peak_bytes(fn, e: Experiment, q, k, v):

@@ -27,6 +27,7 @@ import subprocess
 import time
 
 import torch
+from timing import median_ms
 
 from dilated_compile.ops import dilated_attention_op
 from dilated_compile.ops.dilated_attention import uses_triton_kernels
@@ -108,21 +109,8 @@ def check(n: int, with_grads: bool) -> dict:
 
 
 def bench(e: Experiment, q, k, v) -> float:
-    from triton.testing import do_bench
-
     mask = key_padding_mask(e.n, e.mask)
-    if e.backward:
-        grad = torch.randn_like(q)
-
-        def step():
-            for t in (q, k, v):
-                t.grad = None
-            attend(q, k, v, mask).backward(grad)
-    else:
-        def step():
-            with torch.no_grad():
-                attend(q, k, v, mask)
-    return do_bench(step, warmup=25, rep=100, return_mode="median")
+    return median_ms(lambda: attend(q, k, v, mask), [q, k, v], e.backward)
 
 
 def table(rows: list[dict]) -> str:

@@ -208,7 +208,8 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for experiment in experiments:
-            print(f"running {experiment.target} {experiment.dtype} from {experiment.example} tokens ...", flush=True)
+            print(f"running {experiment.target} {experiment.dtype} from {experiment.example} tokens ...",
+                  flush=True)
             try:
                 results.append(run_experiment(experiment, workdir))
             except Exception as error:  # report every experiment, then fail
@@ -218,8 +219,10 @@ def main() -> int:
     if options.out:
         os.makedirs(options.out, exist_ok=True)
         with open(os.path.join(options.out, "report.json"), "w") as f:
-            json.dump([{**dataclasses.asdict(r), "experiment": {"target": r.experiment.target,
-                        "dtype": str(r.experiment.dtype), "example": r.experiment.example}} for r in results], f, indent=1)
+            report = [{**dataclasses.asdict(r), "experiment": {
+                "target": r.experiment.target, "dtype": str(r.experiment.dtype),
+                "example": r.experiment.example}} for r in results]
+            json.dump(report, f, indent=1)
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
 

@@ -23,6 +23,8 @@ from . import nn, ops, tensorrt  # noqa: F401 (nn: not in __all__, so `import *`
 from .annotation import dilated
 from .aot import aot_compile
 from .apply_specs import AppliedSpecs, apply, register_region
+from .block_sparse_annotation import block_sparse
+from .block_sparse_spec import BlockSparseSpec
 from .backend import compile
 from .explain import ExplainReport, explain
 from .export import export
@@ -35,11 +37,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AppliedSpecs",
+    "BlockSparseSpec",
     "DilatedSpec",
     "ExplainReport",
     "GraphBreakInDilatedRegionWarning",
     "aot_compile",
     "apply",
+    "block_sparse",
     "compile",
     "dilated",
     "dilated_attention",

@@ -253,4 +253,5 @@ register_family(AttentionFamily(
     spec_tensor=lambda spec: None,
     from_json=lambda payload, tensor: DilatedSpec.from_json(payload),
     check=_check_dilated,
+    region=dilated,
 ))

@@ -28,25 +28,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .annotation import dilated
-from .spec import DilatedSpec
+from .attention_family import family_of_spec, spec_type_names
 
 __all__ = ["AppliedSpecs", "apply", "register_region"]
 
 Selector = Union[str, type]
 
-# spec type -> function(spec) -> a fresh region (a context manager, usually a TorchFunctionMode).
-_REGIONS: dict[type, Callable[[Any], contextlib.AbstractContextManager]] = {DilatedSpec: dilated}
+# Spec types taught to apply by register_region (the library's families are known through their
+# AttentionFamily): spec type -> function(spec) -> a fresh region (a context manager).
+_REGIONS: dict[type, Callable[[Any], contextlib.AbstractContextManager]] = {}
 
 _NO_FORWARD = object()  # marks a module that had no instance attribute `forward` before apply
 _WILDCARDS = set("*?[")
 
 
 def register_region(spec_type: type, region: Callable[[Any], contextlib.AbstractContextManager]) -> None:
-    """Teach ``apply`` a spec family: ``region(spec)`` returns a fresh region for one call.
+    """Teach ``apply`` a spec family of your own: ``region(spec)`` returns a fresh region for
+    one call.
 
-    ``DilatedSpec`` is registered (``dilated``). A spec type that is not registered may instead
-    define ``spec.region()`` returning such a context manager.
+    The library's families (``DilatedSpec``, ``BlockSparseSpec``) are known already. A spec type
+    that is not registered may instead define ``spec.region()`` returning such a context
+    manager.
 
     Example::
 
@@ -65,9 +67,13 @@ def region_factory(spec: Any, where: str = "spec") -> Callable[[], contextlib.Ab
     for cls in type(spec).__mro__:
         if cls in _REGIONS:
             return functools.partial(_REGIONS[cls], spec)
+    try:
+        return functools.partial(family_of_spec(spec).region, spec)
+    except TypeError:
+        pass
     if callable(getattr(spec, "region", None)):
         return spec.region
-    known = ", ".join(sorted(cls.__name__ for cls in _REGIONS))
+    known = ", ".join(sorted({cls.__name__ for cls in _REGIONS} | set(spec_type_names())))
     raise TypeError(
         f"apply: {where} must be a spec ({known}, or an object with a region() method), got "
         f"{type(spec).__name__}: {spec!r}"
@@ -383,8 +389,8 @@ def apply(
         model: any ``nn.Module`` whose attention calls SDPA (``[B, H, N, D]`` tensors; masks,
             grouped-query heads and KV caches as documented for ``dilated``). Hugging Face
             transformers models must use ``attn_implementation="sdpa"``.
-        spec_or_mapping: a spec (``DilatedSpec``; other families plug in through
-            ``register_region``) for the whole model or for the modules selected by ``modules``;
+        spec_or_mapping: a spec (``DilatedSpec``, ``BlockSparseSpec``; other families plug in
+            through ``register_region``) for the whole model or for the modules selected by ``modules``;
             or a mapping ``{selector: spec}`` giving modules their own specs. A selector is a
             glob on qualified module names (``fnmatch``: ``"model.layers.*"``; ``*`` also
             matches dots; ``""`` is the model itself) or a module type.

@@ -37,6 +37,7 @@ class AttentionFamily:
         from_json: ``(payload, tensor) -> spec``.
         check: ``(spec, query, key) -> None``: raise for inputs the spec cannot serve (heads,
             lengths), naming the fix.
+        region: its annotation class, ``region(spec)`` a fresh region (what ``apply`` opens).
     """
 
     kind: str
@@ -48,6 +49,7 @@ class AttentionFamily:
     spec_tensor: Callable[[Any], torch.Tensor | None]
     from_json: Callable[[str, Any], Any]
     check: Callable[[Any, torch.Tensor, torch.Tensor], None]
+    region: type
 
 
 _BY_KIND: dict[str, AttentionFamily] = {}
@@ -65,7 +67,7 @@ def family_of_spec(spec: Any) -> AttentionFamily:
     for cls in type(spec).__mro__:
         if cls in _BY_SPEC:
             return _BY_SPEC[cls]
-    known = ", ".join(sorted(c.__name__ for c in _BY_SPEC))
+    known = ", ".join(spec_type_names())
     raise TypeError(f"not an attention spec ({known}): {type(spec).__name__}: {spec!r}")
 
 
@@ -77,6 +79,11 @@ def family_of_payload(payload: str) -> AttentionFamily:
             f"unknown attention annotation kind {kind!r} in {payload!r} (known: {sorted(_BY_KIND)})"
         )
     return _BY_KIND[kind]
+
+
+def spec_type_names() -> list[str]:
+    """The registered families' spec class names, sorted (for messages)."""
+    return sorted(cls.__name__ for cls in _BY_SPEC)
 
 
 def describe(spec: Any) -> str:

@@ -1,12 +1,13 @@
 """``to_onnx``: the rewritten model as ONNX, in standard ops or with one custom node per call.
 
-- Default: the dilated ops are replaced by their decomposition into aten ops
+- Default: the dilated and block-sparse ops are replaced by their decompositions into aten ops
   (``dilated_compile.ops.decompositions``) before the PyTorch ONNX exporter translates the graph,
   so the model is made of standard ONNX ops (MatMul, Exp, Log, ReduceMax, ReduceSum, Where,
   Pad, Gather, Reshape, ...) that any runtime (ONNX Runtime, say) runs. Memory is
   ``O(N * w / r)`` per head and config, as for the decomposition.
 - ``custom_domain=True``: each dilated op becomes a single node ``DilatedAttention`` of the domain
-  ``dilated_compile`` (opset version 1), for runtimes that bring their own kernel:
+  ``dilated_compile`` (opset version 1), for runtimes that bring their own kernel (block-sparse
+  calls have no custom node: they are exported in standard ops, as by default):
 
   ========================  =================================================================
   inputs                    ``query`` [B, Hq, Nq, D], ``key`` [B, Hkv, Nk, D], ``value``
@@ -40,6 +41,7 @@ from torch.export import ExportedProgram
 
 from .export import as_program, dilated_op_nodes
 from .ops import dilated_attention_op
+from .ops.block_sparse_decompositions import block_sparse_attention_decompositions
 from .ops.decompositions import dilated_attention_decompositions
 
 __all__ = ["CUSTOM_DOMAIN", "CUSTOM_OP_TYPE", "to_onnx"]
@@ -171,6 +173,9 @@ def to_onnx(
     program = as_program(module_or_program, args, kwargs, dynamic_shapes, strict, "to_onnx")
     if custom_domain:
         table = _custom_translation_table()
+        # Block-sparse calls have no custom node: they become standard ops either way.
+        if any(name.startswith("dilated_compile::block_sparse") for name in dilated_op_nodes(program)):
+            program = program.run_decompositions(block_sparse_attention_decompositions())
     else:
         table = None
         if dilated_op_nodes(program):

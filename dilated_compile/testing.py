@@ -1,9 +1,14 @@
-"""Float64 dense reference for dilated attention.
+"""Float64 dense reference for dilated and block-sparse attention.
 
-Everything here is written directly from the definition of dilated attention (LongNet, Ding et
-al., 2023) and shares no code with the ops in ``dilated_compile.ops``: it materialises the full
-``[N, N]`` count matrix, so it is meant for checking results on short sequences (a few hundred
-positions), not for running models.
+Everything here is written directly from the definitions (dilated attention: LongNet, Ding et
+al., 2023; block-sparse attention: ``BlockSparseSpec``) and shares no code with the ops in
+``dilated_compile.ops`` beyond the definition of the block-sparse random draws
+(``random_key_blocks``): it materialises the full ``[N, N]`` count matrix, so it is meant for
+checking results on short sequences (a few hundred positions), not for running models.
+
+Block-sparse attention is the same formula with a 0/1 count matrix: ``c[h, p, t] = 1`` when the
+block layout keeps ``(p // bs, t // bs)`` for head ``h`` (see ``block_layout``) and, when causal,
+``t <= p``.
 
 Definition. For a config ``(w_i, r_i)`` on a sequence of length ``N``: ``w = min(w_i, N)``; the
 segments are ``[s*w, min((s+1)*w, N))`` (the last one may be shorter); the local index of
@@ -42,9 +47,60 @@ import math
 
 import torch
 
+from dilated_compile.block_sparse_spec import BlockSparseSpec
+from dilated_compile.ops._block_layout import random_key_blocks
 from dilated_compile.spec import DilatedSpec
 
-__all__ = ["count_matrix", "dense_reference"]
+__all__ = ["block_layout", "count_matrix", "dense_reference"]
+
+_SPECS = (DilatedSpec, BlockSparseSpec)
+
+
+def block_layout(
+    spec: BlockSparseSpec, num_heads: int, seq_len: int, *, is_causal: bool = False
+) -> torch.Tensor:
+    """Which key blocks each query block keeps: ``[H, M, M]`` bool (on the CPU) for the
+    ``M = ceil(seq_len / block_size)`` blocks of positions of a sequence.
+
+    Straight from the definition: block ``(i, j)`` is kept when ``|i - j| <= local_blocks``
+    (unless None), ``i < global_blocks`` or ``j < global_blocks``, ``j`` is one of row ``i``'s
+    ``random_blocks`` draws (``random_key_blocks``: among ``[0, M)``, or ``[0, i]`` when causal),
+    or the explicit layout keeps it; when causal, only ``j <= i``.
+
+    Example::
+
+        >>> block_layout(BlockSparseSpec(4, local_blocks=1), 1, 16)[0].int()
+        tensor([[1, 1, 0, 0],
+                [1, 1, 1, 0],
+                [0, 1, 1, 1],
+                [0, 0, 1, 1]], dtype=torch.int32)
+    """
+    if not isinstance(spec, BlockSparseSpec):
+        raise ValueError(f"block_layout: spec must be a BlockSparseSpec, got {spec!r}")
+    spec.check_num_heads(num_heads)
+    spec.check_length(seq_len)
+    m = spec.num_blocks(seq_len)
+    i = torch.arange(m).view(m, 1)
+    j = torch.arange(m).view(1, m)
+    kept = torch.zeros(num_heads, m, m, dtype=torch.bool)
+    if spec.local_blocks is not None:
+        kept |= (i - j).abs() <= spec.local_blocks
+    if spec.global_blocks:
+        kept |= (i < spec.global_blocks) | (j < spec.global_blocks)
+    if spec.random_blocks:
+        rows = torch.arange(m)
+        choices = torch.clamp(rows + 1, max=m) if is_causal else torch.full((m,), m)
+        draws = random_key_blocks(spec.seed, num_heads, rows, choices, spec.random_blocks)
+        for h in range(num_heads):
+            for row in range(m):
+                for block in draws[h, row].tolist():
+                    if block >= 0:
+                        kept[h, row, block] = True
+    if spec.layout is not None:
+        kept |= spec.layout[:, :m, :m].cpu()
+    if is_causal:
+        kept &= j <= i
+    return kept
 
 
 def _head_configs(spec: DilatedSpec, num_heads: int) -> list[list[tuple[int, int, int]]]:
@@ -62,17 +118,18 @@ def _head_configs(spec: DilatedSpec, num_heads: int) -> list[list[tuple[int, int
 
 
 def count_matrix(
-    spec: DilatedSpec,
+    spec: DilatedSpec | BlockSparseSpec,
     seq_len: int,
     num_heads: int,
     *,
     is_causal: bool = False,
     query_len: int | None = None,
 ) -> torch.Tensor:
-    """How many configs of ``spec`` let each query attend each key.
+    """How many configs of ``spec`` let each query attend each key (for a ``BlockSparseSpec``:
+    1 where its block layout keeps the pair, else 0).
 
     Args:
-        spec: the dilated-attention pattern.
+        spec: the pattern, a ``DilatedSpec`` or a ``BlockSparseSpec``.
         seq_len: the sequence length ``N`` (``>= 0``): the number of keys, on whose positions
             the pattern is defined.
         num_heads: the number of query heads ``H`` (``>= 1``; ``mode="head_groups"`` needs
@@ -102,8 +159,8 @@ def count_matrix(
         >>> count_matrix(spec, 4, num_heads=2, query_len=1)[1]  # the row of position 3
         tensor([[0, 1, 0, 1]])
     """
-    if not isinstance(spec, DilatedSpec):
-        raise ValueError(f"count_matrix: spec must be a DilatedSpec, got {spec!r}")
+    if not isinstance(spec, _SPECS):
+        raise ValueError(f"count_matrix: spec must be a DilatedSpec or BlockSparseSpec, got {spec!r}")
     if seq_len < 0:
         raise ValueError(f"count_matrix: seq_len must be >= 0, got {seq_len}")
     if num_heads < 1:
@@ -121,6 +178,12 @@ def count_matrix(
         return counts
     p = torch.arange(n - nq, n).view(nq, 1)  # query positions, down the rows
     t = torch.arange(n).view(1, n)  # key positions, along the columns
+    if isinstance(spec, BlockSparseSpec):
+        blocks = block_layout(spec, num_heads, n, is_causal=is_causal)  # [H, M, M]
+        attends = blocks[:, p // spec.block_size, t // spec.block_size]
+        if is_causal:
+            attends = attends & (t <= p)
+        return attends.long()
     for h, configs in enumerate(_head_configs(spec, num_heads)):
         for segment_length, rate, offset in configs:
             w = min(segment_length, n)
@@ -138,7 +201,7 @@ def dense_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    spec: DilatedSpec,
+    spec: DilatedSpec | BlockSparseSpec,
     *,
     is_causal: bool = False,
     scale: float | None = None,
@@ -146,13 +209,15 @@ def dense_reference(
     return_lse: bool = False,
     attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Dilated attention computed densely in float64, straight from the definition.
+    """Dilated (or block-sparse) attention computed densely in float64, straight from the
+    definition.
 
     Args:
         q: ``[B, Hq, Nq, D]`` queries; query ``i`` stands at position ``Nk - Nq + i``.
         k: ``[B, Hkv, Nk, D]`` keys (``Nq <= Nk``); the pattern is defined on ``N = Nk``.
         v: ``[B, Hkv, Nk, Dv]`` values.
-        spec: the dilated-attention pattern.
+        spec: the pattern: a ``DilatedSpec``, or a ``BlockSparseSpec`` (0/1 counts from
+            ``block_layout``).
         is_causal: when True, the query at position ``P`` only attends keys ``t <= P``
             (bottom-right aligned when ``Nq < Nk``).
         scale: the softmax scale; ``None`` means ``1 / sqrt(D)``.
@@ -196,8 +261,10 @@ def dense_reference(
         >>> last.shape
         torch.Size([2, 4, 1, 32])
     """
-    if not isinstance(spec, DilatedSpec):
-        raise ValueError(f"dense_reference: spec must be a DilatedSpec, got {spec!r}")
+    if not isinstance(spec, _SPECS):
+        raise ValueError(
+            f"dense_reference: spec must be a DilatedSpec or BlockSparseSpec, got {spec!r}"
+        )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(

@@ -10,6 +10,8 @@ import operator
 import pytest
 import torch
 
+from dilated_compile.ops import block_sparse_attention_backward_op, block_sparse_attention_op
+
 from dilated_compile.ops import dilated_attention_backward_op, dilated_attention_op
 from dilated_compile.ops.decompositions import (
     dilated_attention_backward_decomposition,
@@ -243,7 +245,10 @@ def test_no_tensor_grows_with_n_squared(mode):
 
 def test_table_keys_are_the_public_ops():
     table = dilated_attention_decompositions()
-    assert set(table) == {dilated_attention_op, dilated_attention_backward_op}
+    assert set(table) == {
+        dilated_attention_op, dilated_attention_backward_op,
+        block_sparse_attention_op, block_sparse_attention_backward_op,
+    }
     assert all(callable(fn) for fn in table.values())
 
 

@@ -15,9 +15,8 @@ import random
 
 import pytest
 import torch
+from memory_probe import LargestAllocation
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import dilated_compile
 from dilated_compile.ops import dilated_attention_pytorch as pytorch_impl
@@ -314,22 +313,6 @@ def test_causal_with_a_mask_raises_at_the_sdpa_boundary_only():
     _check(q, k, v, spec, is_causal=True, attn_mask=keep)
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """The largest storage an op creates, in elements (views of the inputs do not count)."""
-
-    def __init__(self, *inputs):
-        super().__init__()
-        self.known = {t.untyped_storage().data_ptr() for t in inputs}
-        self.elements = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.known:
-                self.elements = max(self.elements, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 def _forward_implementation(q, k, v, spec, mask):
     """The PyTorch forward itself, below the op's dispatch (so the mode sees its tensors)."""
     mask = expand_attn_mask(mask, q, k)
@@ -345,12 +328,12 @@ def test_a_key_padding_mask_and_a_decoding_step_stay_cheap():
     g = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(1, heads, n, d, generator=g) for _ in range(3))
     mask = torch.rand(1, 1, 1, n, generator=g) < 0.9
-    with _LargestAllocation(q, k, v, mask) as largest:
+    with LargestAllocation(q, k, v, mask) as largest:
         _forward_implementation(q, k, v, spec, mask)
     assert largest.elements <= heads * n * 64  # scores: N * w per head; never N x N
     assert largest.elements < n * n // 16
     decode = q[:, :, -1:].clone()
-    with _LargestAllocation(decode, k, v, mask) as largest:
+    with LargestAllocation(decode, k, v, mask) as largest:
         out, _ = _forward_implementation(decode, k, v, spec, mask)
     assert largest.elements <= heads * 64 * d  # one segment's rows
     want = dense_reference(decode, k, v, spec, attn_mask=mask)

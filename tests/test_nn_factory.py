@@ -61,7 +61,7 @@ def test_factory_errors_name_the_problem():
     assert KINDS == ("auto", "eager", "compiled")
     with pytest.raises(ValueError, match=r"kind must be one of \('auto', 'eager', 'compiled'\).*got 'fast'"):
         create_multihead_dilated_attention("fast", **ARGS)
-    with pytest.raises(ValueError, match="kind='ring' names a sequence-parallel or block-sparse variant"):
+    with pytest.raises(ValueError, match="kind='ring' names a sequence-parallel or distributed variant"):
         create_multihead_dilated_attention("ring", **ARGS)
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['use_xformers'\]"):
         create_multihead_dilated_attention(**ARGS, use_xformers=True)

@@ -1,8 +1,9 @@
-"""Modules built on plain SDPA + ``dilated(...)``: attention, transformer layers, LongNet.
+"""Modules built on plain SDPA inside an attention region: attention, transformer layers, LongNet.
 
-Each module calls ``F.scaled_dot_product_attention`` inside ``dilated(spec)``: eager mode runs the
-fused dilated op at once, and ``torch.compile(model, backend="dilated_compile")`` rewrites the
-annotated calls into it. They are also the examples of how to write models for this library::
+Each module calls ``F.scaled_dot_product_attention`` inside the region of its pattern's family
+(``dilated(spec)``, or ``block_sparse(spec)`` for a ``BlockSparseSpec``): eager mode runs the
+fused op at once, and ``torch.compile(model, backend="dilated_compile")`` rewrites the annotated
+calls into it. They are also the examples of how to write models for this library::
 
     import torch
     from dilated_compile.nn import LongNetLM
@@ -13,15 +14,19 @@ annotated calls into it. They are also the examples of how to write models for t
     compiled = torch.compile(lm, backend="dilated_compile")
 
 - ``DilatedAttention``: ``[B, N, H, D]`` dilated attention.
-- ``MultiheadDilatedAttention``: shaped like ``nn.MultiheadAttention``; masks honoured exactly.
+- ``MultiheadDilatedAttention``: shaped like ``nn.MultiheadAttention``; masks honoured exactly;
+  ``spec=BlockSparseSpec(...)`` for block-sparse attention.
 - ``DilatedTransformerEncoderLayer`` / ``DilatedTransformerDecoderLayer``: Sub-LN, MAGNETO init.
 - ``LongNet`` (encoder–decoder), ``LongNetLM`` (decoder-only, bounded-cache decoding).
-- ``create_multihead_dilated_attention``: the factory of earlier packages.
+- ``create_multihead_dilated_attention``: the factory of earlier packages (kinds ``"auto"``,
+  ``"eager"``, ``"compiled"``, ``"block_sparse"``); ``spec_from_sparse_config`` translates their
+  block-sparse ``sparse_config``.
 """
 
 from .attention import DilatedAttention
 from .decoding import DilatedKVCache, LongNetLMCache, dilated_attention_step
-from .factory import KINDS, create_multihead_dilated_attention, resolve_kind
+from ._sparse_config import spec_from_sparse_config
+from .factory import BLOCK_SPARSE_KINDS, KINDS, create_multihead_dilated_attention, resolve_kind
 from .longnet import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS, LongNet, LongNetLM
 from .masked import masked_dilated_attention
 from .multihead import MultiheadDilatedAttention
@@ -34,6 +39,7 @@ from .transformer import (
 )
 
 __all__ = [
+    "BLOCK_SPARSE_KINDS",
     "KINDS",
     "PAPER_DILATION_RATES",
     "PAPER_SEGMENT_LENGTHS",
@@ -53,4 +59,5 @@ __all__ = [
     "magneto_gamma_encoder_decoder",
     "masked_dilated_attention",
     "resolve_kind",
+    "spec_from_sparse_config",
 ]

@@ -3,41 +3,53 @@
 It is written the way this library wants models written: the plain
 ``F.scaled_dot_product_attention`` call inside ``dilated(spec)``. Eager mode runs the fused op
 at once; ``torch.compile(backend="dilated_compile")`` captures the annotated call and rewrites it.
+``attend`` does the same for the spec of any attention family (the modules' one call site).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..annotation import dilated
-from ..ops import dilated_attention_op
+from .. import annotation, block_sparse_annotation  # noqa: F401 (register the families attend opens)
+from ..attention_family import family_of_spec
 from ..spec import DilatedSpec
 from ._checks import check_attention_dropout, check_probability
 
 
 def attend(
-    spec: DilatedSpec, query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool,
+    spec: Any, query: Tensor, key: Tensor, value: Tensor, *, is_causal: bool,
     scale: float | None = None, attn_mask: Tensor | None = None,
 ) -> Tensor:
-    """Dilated attention of ``[B, H, N, D]`` tensors (GQA from the shapes), restricted further
+    """Sparse attention of ``[B, H, N, D]`` tensors under ``spec`` (a ``DilatedSpec``, a
+    ``BlockSparseSpec`` or any registered family's spec; GQA from the shapes), restricted further
     by ``attn_mask`` when given (SDPA's convention: bool True = keep, or float added to the
     scores, broadcastable to ``[B, Hq, Nq, Nk]``; no gradient flows to it).
 
-    Annotated SDPA, which ``torch.compile(backend="dilated_compile")`` rewrites into the op,
-    except for a mask together with ``is_causal=True``: SDPA refuses that pair, so the op (which
-    keeps the pairs both keep) is called directly, and causal key padding needs no ``N x N``
-    mask."""
+    Annotated SDPA inside the region of ``spec``'s family (``dilated(spec)``,
+    ``block_sparse(spec)``), which ``torch.compile(backend="dilated_compile")`` rewrites into the
+    family's op, except for a mask together with ``is_causal=True``: SDPA refuses that pair, so
+    the family's op (which keeps the pairs both keep) is called directly, and causal key padding
+    needs no ``N x N`` mask. Returns ``[B, Hq, Nq, Dv]``.
+
+    Example::
+
+        >>> q = k = v = torch.randn(2, 4, 300, 32)
+        >>> attend(DilatedSpec((64, 128), (1, 2)), q, k, v, is_causal=True).shape
+        torch.Size([2, 4, 300, 32])
+        >>> attend(BlockSparseSpec(64, local_blocks=1), q, k, v, is_causal=False).shape
+        torch.Size([2, 4, 300, 32])
+    """
+    family = family_of_spec(spec)
     if attn_mask is not None and is_causal:
-        out, _ = dilated_attention_op(
-            query, key, value, list(spec.segment_lengths), list(spec.dilation_rates), spec.mode,
-            True, scale, attn_mask,
-        )
+        pattern = family.pattern_args(spec, family.spec_tensor(spec))
+        out, _ = family.op(query, key, value, *pattern, True, scale, attn_mask)
         return out
-    with dilated(spec):
+    with family.region(spec):
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
             enable_gqa=query.shape[1] != key.shape[1],

@@ -39,6 +39,11 @@ class DilatedKVCache:
     """
 
     def __init__(self, spec: DilatedSpec) -> None:
+        if not isinstance(spec, DilatedSpec):
+            raise TypeError(
+                f"DilatedKVCache: spec must be a DilatedSpec (the cache keeps the window a causal "
+                f"dilated query can reach), got {type(spec).__name__}: {spec!r}"
+            )
         if spec.mode not in ("mixture", "head_groups"):
             raise ValueError(f"DilatedKVCache: unknown mode {spec.mode!r}")
         self.spec = spec

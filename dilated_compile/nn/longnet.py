@@ -1,6 +1,7 @@
 """LongNet (Ding et al. 2023): an encoder–decoder ``LongNet`` and a decoder-only language model
 ``LongNetLM``, built from the dilated transformer layers, with the paper's configuration as the
-preset ``"paper"``."""
+preset ``"paper"``. ``spec=BlockSparseSpec(...)`` builds the same models with block-sparse
+attention."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..spec import DilatedSpec
-from ._checks import check_positive_int
+from ._checks import check_bounded_decoding, check_positive_int, resolve_attention_spec
 from .decoding import LongNetLMCache
 from .positions import RotaryEmbedding, XPos
 from .transformer import (
@@ -34,11 +35,33 @@ _PAPER = dict(
 )
 
 
-def position_embedding(kind: str | None, head_dim: int, spec: DilatedSpec) -> nn.Module | None:
-    """``"xpos"`` (anchored on blocks of ``lcm(segment_lengths)``), ``"rotary"`` or None."""
+# The arguments that give a preset's attention pattern (replaced by a spec= override).
+_PATTERN_ARGUMENTS = ("segment_lengths", "dilation_rates", "mode")
+
+
+def model_spec(owner: str, spec: Any, segment_lengths: Sequence[int] | None,
+               dilation_rates: Sequence[int] | None, mode: str) -> Any:
+    """The attention pattern of a model: ``spec``, or the dilated pattern of
+    ``segment_lengths``/``dilation_rates`` (the paper's where None) when no spec is given."""
+    if spec is None:
+        segment_lengths = PAPER_SEGMENT_LENGTHS if segment_lengths is None else segment_lengths
+        dilation_rates = PAPER_DILATION_RATES if dilation_rates is None else dilation_rates
+    return resolve_attention_spec(owner, spec, segment_lengths, dilation_rates, mode)
+
+
+def position_embedding(kind: str | None, head_dim: int, spec: Any) -> nn.Module | None:
+    """``"xpos"`` (anchored on blocks of ``lcm(segment_lengths)``; dilated attention only),
+    ``"rotary"`` or None."""
     if kind is None:
         return None
     if kind == "xpos":
+        if not isinstance(spec, DilatedSpec):
+            raise ValueError(
+                f"positions='xpos' needs a dilated pattern: xPos is anchored on blocks of "
+                f"lcm(segment_lengths) that no attention pair crosses, and {spec!r} relates "
+                "positions across its blocks (unanchored xPos leaves the float32 range after some "
+                "35k positions). Pass positions='rotary' (or None)."
+            )
         return XPos(head_dim, block=math.lcm(*spec.segment_lengths))
     if kind == "rotary":
         return RotaryEmbedding(head_dim)
@@ -48,7 +71,10 @@ def position_embedding(kind: str | None, head_dim: int, spec: DilatedSpec) -> nn
 def _from_preset(cls, presets: dict[str, dict[str, Any]], name: str, overrides: dict[str, Any]):
     if name not in presets:
         raise ValueError(f"{cls.__name__}.from_preset: unknown preset {name!r}; available: {sorted(presets)}")
-    return cls(**{**presets[name], **overrides})
+    preset = presets[name]
+    if overrides.get("spec") is not None:  # a spec replaces the preset's dilated pattern
+        preset = {k: v for k, v in preset.items() if k not in _PATTERN_ARGUMENTS}
+    return cls(**{**preset, **overrides})
 
 
 class LongNet(nn.Module):
@@ -58,7 +84,8 @@ class LongNet(nn.Module):
 
     Args:
         d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward: sizes.
-        segment_lengths, dilation_rates, mode: the dilated pattern (defaults: the paper's).
+        segment_lengths, dilation_rates, mode: the dilated pattern (None: the paper's); or give
+            ``spec`` instead.
         dropout: residual/FFN dropout (honoured in training).
         activation: ``"gelu"`` (MAGNETO), ``"relu"``, ``"silu"`` or a callable.
         layer_norm_eps: of every LayerNorm.
@@ -67,6 +94,10 @@ class LongNet(nn.Module):
             (applied to queries and keys of every attention).
         num_kv_heads: key/value heads (grouped-query attention).
         attention_dropout: must be 0 in training mode (see ``MultiheadDilatedAttention``).
+        spec: the pattern of every attention as a spec, instead of
+            ``segment_lengths``/``dilation_rates``/``mode`` (exactly one of the two ways): a
+            ``DilatedSpec`` or a ``BlockSparseSpec`` (then ``positions`` must be ``"rotary"`` or
+            None: xPos is anchored on dilated segments).
 
     ``forward(src, tgt=None, *, is_causal=True, src_key_padding_mask=None,
     tgt_key_padding_mask=None)``: ``src`` ``[B, N, d_model]`` (embeddings); ``tgt`` defaults to
@@ -80,6 +111,8 @@ class LongNet(nn.Module):
         ...               dim_feedforward=1024, segment_lengths=(512, 1024), dilation_rates=(1, 2))
         >>> y = net(torch.randn(2, 3000, 256))
         >>> paper = LongNet.from_preset("paper")          # 768 wide, 12 + 12 layers, the paper's pattern
+        >>> sparse = LongNet(d_model=256, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
+        ...                  spec=BlockSparseSpec(128, local_blocks=2, global_blocks=1))
     """
 
     PRESETS: dict[str, dict[str, Any]] = {
@@ -93,8 +126,8 @@ class LongNet(nn.Module):
         num_encoder_layers: int = 12,
         num_decoder_layers: int = 12,
         dim_feedforward: int = 3072,
-        segment_lengths: Sequence[int] = PAPER_SEGMENT_LENGTHS,
-        dilation_rates: Sequence[int] = PAPER_DILATION_RATES,
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
         dropout: float = 0.0,
         activation: str | Callable[[Tensor], Tensor] = "gelu",
         layer_norm_eps: float = 1e-5,
@@ -105,9 +138,10 @@ class LongNet(nn.Module):
         num_kv_heads: int | None = None,
         mode: str = "mixture",
         attention_dropout: float = 0.0,
+        spec: Any = None,
     ) -> None:
         super().__init__()
-        self.spec = DilatedSpec(segment_lengths, dilation_rates, mode)
+        self.spec = model_spec("LongNet", spec, segment_lengths, dilation_rates, mode)
         num_encoder_layers = check_positive_int("LongNet", "num_encoder_layers", num_encoder_layers)
         num_decoder_layers = check_positive_int("LongNet", "num_decoder_layers", num_decoder_layers)
         gamma_encoder, gamma_decoder = magneto_gamma_encoder_decoder(num_encoder_layers, num_decoder_layers)
@@ -116,17 +150,15 @@ class LongNet(nn.Module):
         common = dict(
             dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
             layer_norm_eps=layer_norm_eps, attention_dropout=attention_dropout, num_kv_heads=num_kv_heads,
-            mode=mode, position_embedding=self.position_embedding, **factory,
+            spec=self.spec, position_embedding=self.position_embedding, **factory,
         )
         self.encoder_layers = nn.ModuleList(
-            DilatedTransformerEncoderLayer(d_model, nhead, segment_lengths, dilation_rates,
-                                           gamma_init=gamma_encoder, **common)
+            DilatedTransformerEncoderLayer(d_model, nhead, gamma_init=gamma_encoder, **common)
             for _ in range(num_encoder_layers)
         )
         self.encoder_norm = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
         self.decoder_layers = nn.ModuleList(
-            DilatedTransformerDecoderLayer(d_model, nhead, segment_lengths, dilation_rates,
-                                           gamma_init=gamma_decoder, **common)
+            DilatedTransformerDecoderLayer(d_model, nhead, gamma_init=gamma_decoder, **common)
             for _ in range(num_decoder_layers)
         )
         self.decoder_norm = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
@@ -171,7 +203,8 @@ class LongNetLM(nn.Module):
     Args:
         num_tokens: vocabulary size.
         d_model, nhead, num_layers, dim_feedforward: sizes (defaults: the paper's base size).
-        segment_lengths, dilation_rates, mode: the dilated pattern (defaults: the paper's).
+        segment_lengths, dilation_rates, mode: the dilated pattern (None: the paper's); or give
+            ``spec`` instead.
         dropout: residual/FFN dropout.
         activation: ``"gelu"`` (MAGNETO), ``"relu"``, ``"silu"`` or a callable.
         layer_norm_eps: of every LayerNorm.
@@ -180,6 +213,11 @@ class LongNetLM(nn.Module):
             ``XPos``) or ``"rotary"``.
         num_kv_heads: key/value heads (grouped-query attention; the decoding cache shrinks too).
         attention_dropout: must be 0 in training mode (see ``MultiheadDilatedAttention``).
+        spec: the pattern of every layer as a spec, instead of
+            ``segment_lengths``/``dilation_rates``/``mode`` (exactly one of the two ways): a
+            ``DilatedSpec``, or a ``BlockSparseSpec`` for a block-sparse language model (then
+            ``positions="rotary"``: xPos is anchored on dilated segments; and no bounded-cache
+            decoding: ``new_cache``/``decode``/``generate`` raise ``NotImplementedError``).
 
     ``forward(tokens, is_causal=True, key_padding_mask=None)``: ``tokens`` ``[B, N]`` int64 ->
     logits ``[B, N, num_tokens]``.
@@ -188,6 +226,7 @@ class LongNetLM(nn.Module):
     tokens (a prompt, then one token at a time) returns their logits, equal to those of
     ``forward`` on the whole sequence; the cache holds at most ``max(segment_lengths)`` tokens
     per layer, whatever the length. ``lm.generate(prompt, max_new_tokens)`` samples with it.
+    Decoding is defined for a dilated pattern only (see ``DilatedKVCache``).
 
     Example::
 
@@ -196,6 +235,9 @@ class LongNetLM(nn.Module):
         >>> logits = lm(torch.randint(0, 256, (2, 1000)))                   # [2, 1000, 256]
         >>> text = lm.generate(torch.randint(0, 256, (1, 10)), max_new_tokens=500)
         >>> paper = LongNetLM.from_preset("paper", num_tokens=50_000)
+        >>> sparse = LongNetLM(num_tokens=256, d_model=128, nhead=4, num_layers=2, positions="rotary",
+        ...                    spec=BlockSparseSpec(64, local_blocks=2, global_blocks=1))
+        >>> logits = sparse(torch.randint(0, 256, (2, 1000)))                # [2, 1000, 256]
     """
 
     PRESETS: dict[str, dict[str, Any]] = {"paper": {**_PAPER, "num_layers": 12}}
@@ -207,8 +249,8 @@ class LongNetLM(nn.Module):
         nhead: int = 12,
         num_layers: int = 12,
         dim_feedforward: int = 3072,
-        segment_lengths: Sequence[int] = PAPER_SEGMENT_LENGTHS,
-        dilation_rates: Sequence[int] = PAPER_DILATION_RATES,
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
         dropout: float = 0.0,
         activation: str | Callable[[Tensor], Tensor] = "gelu",
         layer_norm_eps: float = 1e-5,
@@ -221,6 +263,7 @@ class LongNetLM(nn.Module):
         attention_dropout: float = 0.0,
         num_encoder_layers: int | None = None,
         num_decoder_layers: int | None = None,
+        spec: Any = None,
     ) -> None:
         super().__init__()
         if num_encoder_layers is not None or num_decoder_layers is not None:
@@ -231,7 +274,7 @@ class LongNetLM(nn.Module):
             )
         if positions is None:
             raise ValueError("LongNetLM: positions must be 'xpos' or 'rotary' (a causal LM needs positions)")
-        self.spec = DilatedSpec(segment_lengths, dilation_rates, mode)
+        self.spec = model_spec("LongNetLM", spec, segment_lengths, dilation_rates, mode)
         num_tokens = check_positive_int("LongNetLM", "num_tokens", num_tokens)
         num_layers = check_positive_int("LongNetLM", "num_layers", num_layers)
         factory = {"device": device, "dtype": dtype}
@@ -241,9 +284,9 @@ class LongNetLM(nn.Module):
         gamma = magneto_gamma(num_layers)
         self.layers = nn.ModuleList(
             DilatedTransformerEncoderLayer(
-                d_model, nhead, segment_lengths, dilation_rates, dim_feedforward=dim_feedforward,
+                d_model, nhead, spec=self.spec, dim_feedforward=dim_feedforward,
                 dropout=dropout, activation=activation, layer_norm_eps=layer_norm_eps, gamma_init=gamma,
-                attention_dropout=attention_dropout, num_kv_heads=num_kv_heads, mode=mode,
+                attention_dropout=attention_dropout, num_kv_heads=num_kv_heads,
                 position_embedding=self.position_embedding, **factory,
             )
             for _ in range(num_layers)
@@ -277,7 +320,10 @@ class LongNetLM(nn.Module):
     # --- incremental decoding --------------------------------------------------------------------
 
     def new_cache(self) -> LongNetLMCache:
-        """An empty decoding cache (one ``DilatedKVCache`` per layer)."""
+        """An empty decoding cache (one ``DilatedKVCache`` per layer); a dilated model only
+        (``NotImplementedError`` for a block-sparse one: call ``forward`` on the whole
+        sequence)."""
+        check_bounded_decoding("LongNetLM.new_cache", self.spec)
         return LongNetLMCache([layer.self_attn.new_cache() for layer in self.layers])
 
     def decode(self, tokens: Tensor, cache: LongNetLMCache) -> Tensor:
@@ -287,6 +333,7 @@ class LongNetLM(nn.Module):
         ``max(segment_lengths)`` tokens per layer. The first call on an empty cache runs the
         fused op over the whole chunk (the prompt); later calls cost ``O(max segment)`` per
         token and layer."""
+        check_bounded_decoding("LongNetLM.decode", self.spec)
         self._check_tokens(tokens)
         if len(cache.layers) != len(self.layers):
             raise ValueError(
@@ -309,7 +356,8 @@ class LongNetLM(nn.Module):
     ) -> Tensor:
         """``prompt`` ``[B, T]`` followed by ``max_new_tokens`` sampled tokens (greedy when
         ``temperature == 0``; only the ``top_k`` most likely when given), decoded with the
-        bounded cache."""
+        bounded cache (a dilated model only, like ``decode``)."""
+        check_bounded_decoding("LongNetLM.generate", self.spec)
         cache = self.new_cache()
         logits = self.decode(prompt, cache)[:, -1]
         pieces = [prompt]

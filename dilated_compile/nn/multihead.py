@@ -1,15 +1,23 @@
-"""``MultiheadDilatedAttention``: a drop-in for ``nn.MultiheadAttention`` computing dilated
-attention, with MAGNETO's Sub-LN and initialisation."""
+"""``MultiheadDilatedAttention``: a drop-in for ``nn.MultiheadAttention`` computing dilated (or
+block-sparse) attention, with MAGNETO's Sub-LN and initialisation."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..spec import DilatedSpec
-from ._checks import check_attention_dropout, check_positive_int, check_probability
+from ._checks import (
+    check_attention_dropout,
+    check_bounded_decoding,
+    check_positive_int,
+    check_probability,
+    resolve_attention_spec,
+)
 from .attention import attend
 from .decoding import DilatedKVCache, dilated_attention_step
 
@@ -17,19 +25,21 @@ _NAME = "MultiheadDilatedAttention"
 
 
 class MultiheadDilatedAttention(nn.Module):
-    """Multi-head dilated attention, shaped like ``nn.MultiheadAttention``.
+    """Multi-head dilated (or block-sparse) attention, shaped like ``nn.MultiheadAttention``.
 
-    ``out = out_proj(LN(DilatedAttention(q_proj(query), k_proj(key), v_proj(value))))``: the
-    heads are projected, attend with dilated attention (LongNet, Ding et al. 2023), are
-    concatenated, normalised (Sub-LN, MAGNETO; ``layer_norm=False`` drops it, giving exactly the
-    layout of ``nn.MultiheadAttention``) and projected out.
+    ``out = out_proj(LN(attention(q_proj(query), k_proj(key), v_proj(value))))``: the heads are
+    projected, attend with dilated attention (LongNet, Ding et al. 2023) or the block-sparse
+    pattern of a ``BlockSparseSpec``, are concatenated, normalised (Sub-LN, MAGNETO;
+    ``layer_norm=False`` drops it, giving exactly the layout of ``nn.MultiheadAttention``) and
+    projected out.
 
     Args:
         embed_dim: ``E``, a multiple of ``num_heads``; head dim ``D = E // num_heads``.
         num_heads: query heads ``H``.
-        segment_lengths, dilation_rates, mode: the dilated pattern (``DilatedSpec``).
+        segment_lengths, dilation_rates, mode: the dilated pattern (``DilatedSpec``); or give
+            ``spec`` instead.
         dropout: attention dropout. Must be 0 in training mode (``NotImplementedError``
-            otherwise: dilated attention never forms the attention weights); honoured (as the
+            otherwise: sparse attention never forms the attention weights); honoured (as the
             identity) in eval mode.
         bias: biases of the four projections.
         batch_first: ``[B, N, E]`` inputs (True, the default here) or ``[N, B, E]`` (False).
@@ -41,6 +51,12 @@ class MultiheadDilatedAttention(nn.Module):
         layer_norm_eps: epsilon of the Sub-LN.
         position_embedding: optional module ``(q, k, positions) -> (q, k)`` applied to the
             ``[B, H, N, D]`` heads (``RotaryEmbedding``, ``XPos``).
+        spec: the pattern as a spec, instead of ``segment_lengths``/``dilation_rates``/``mode``
+            (exactly one of the two ways; ``TypeError`` otherwise): a ``DilatedSpec``, or a
+            ``BlockSparseSpec`` for block-sparse attention (BigBird / Longformer blocks). An
+            explicit block layout becomes a non-persistent buffer ``pattern_layout``, so it
+            follows ``.to(device)``. Bounded-cache decoding (``forward_cached``) is for a
+            ``DilatedSpec`` only.
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
     average_attn_weights=True, is_causal=False) -> (output, None)``, with ``nn.MultiheadAttention``'s
@@ -50,8 +66,8 @@ class MultiheadDilatedAttention(nn.Module):
 
     - ``key_padding_mask`` ``[B, N]`` (bool: True = ignore that key; float: added to the scores)
       and ``attn_mask`` ``[N, N]`` or ``[B * H, N, N]`` (bool: True = not allowed; float: added)
-      are honoured exactly, on top of the dilated pattern, by the fused op (the Triton kernels on
-      CUDA, the exact PyTorch implementation elsewhere). They become one SDPA-convention mask,
+      are honoured exactly, on top of the pattern, by the fused op (the Triton kernels on CUDA,
+      the exact PyTorch implementation elsewhere). They become one SDPA-convention mask,
       built only from what was passed: a ``key_padding_mask`` alone stays ``[B, 1, 1, N]``, never
       ``N x N``. A float mask that requires grad raises ``NotImplementedError`` (masks get no
       gradient). A query row left with no key gives 0 (where ``nn.MultiheadAttention`` gives
@@ -59,8 +75,9 @@ class MultiheadDilatedAttention(nn.Module):
       it gets alone.
     - ``is_causal=True`` applies the causal mask (itself, not as a hint about ``attn_mask``; both
       apply when both are given).
-    - ``need_weights=True`` raises ``NotImplementedError``: dilated attention never forms the
-      ``N x N`` weights (that is what keeps it linear in ``N``); the second output is always None.
+    - ``need_weights=True`` raises ``NotImplementedError``: sparse attention never forms the
+      ``N x N`` weights (that is what keeps its cost below ``N^2``); the second output is always
+      None.
       ``average_attn_weights`` only shapes those weights, so it has nothing to change.
 
     Example::
@@ -72,14 +89,17 @@ class MultiheadDilatedAttention(nn.Module):
         >>> padding[1, 4000:] = True                                  # sequence 1 has 4000 tokens
         >>> y, _ = mhda(x, x, x, key_padding_mask=padding)
         >>> compiled = torch.compile(mhda, backend="dilated_compile")
+        >>> bigbird = MultiheadDilatedAttention(
+        ...     512, 8, spec=BlockSparseSpec(64, local_blocks=1, global_blocks=1, random_blocks=2))
+        >>> y, _ = bigbird(x, x, x, key_padding_mask=padding)          # [2, 5000, 512]
     """
 
     def __init__(
         self,
         embed_dim: int,
         num_heads: int,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
         dropout: float = 0.0,
         bias: bool = True,
         batch_first: bool = True,
@@ -92,8 +112,10 @@ class MultiheadDilatedAttention(nn.Module):
         *,
         layer_norm_eps: float = 1e-5,
         position_embedding: nn.Module | None = None,
+        spec: Any = None,
     ) -> None:
         super().__init__()
+        spec = resolve_attention_spec(_NAME, spec, segment_lengths, dilation_rates, mode)
         embed_dim = check_positive_int(_NAME, "embed_dim", embed_dim)
         num_heads = check_positive_int(_NAME, "num_heads", num_heads)
         if embed_dim % num_heads:
@@ -107,8 +129,13 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(
                 f"{_NAME}: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
             )
-        self.spec = DilatedSpec(segment_lengths, dilation_rates, mode)
-        self.spec.check_num_heads(num_heads)
+        spec.check_num_heads(num_heads)
+        self.spec = spec
+        layout = getattr(spec, "layout", None)
+        if layout is not None:  # a tensor the pattern carries: state that follows .to(device)
+            layout = layout if device is None else layout.to(device)
+            self.register_buffer("pattern_layout", layout, persistent=False)
+            self._carry_layout()
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = check_probability(_NAME, "dropout", dropout)
@@ -137,28 +164,49 @@ class MultiheadDilatedAttention(nn.Module):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), ... replace the layout buffer: the spec carries the moved tensor.
+        super()._apply(fn, recurse)
+        self._carry_layout()
+        return self
+
+    def _carry_layout(self) -> None:
+        """Make the spec carry the ``pattern_layout`` buffer (after it was moved)."""
+        layout = self._buffers.get("pattern_layout")
+        if layout is not None and layout is not self.spec.layout:
+            self.spec = dataclasses.replace(self.spec, layout=layout)
+
     @property
     def layer_norm(self) -> bool:
         return self.norm is not None
 
     def extra_repr(self) -> str:
+        if isinstance(self.spec, DilatedSpec):
+            pattern = (
+                f"segment_lengths={self.spec.segment_lengths}, dilation_rates={self.spec.dilation_rates}, "
+                f"mode={self.spec.mode!r}"
+            )
+        else:
+            pattern = f"spec={self.spec!r}"
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-            f"segment_lengths={self.spec.segment_lengths}, dilation_rates={self.spec.dilation_rates}, "
-            f"mode={self.spec.mode!r}, dropout={self.dropout}, batch_first={self.batch_first}"
+            f"{pattern}, dropout={self.dropout}, batch_first={self.batch_first}"
         )
 
     @classmethod
     def from_multihead_attention(
         cls,
         mha: nn.MultiheadAttention,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
         mode: str = "mixture",
+        *,
+        spec: Any = None,
     ) -> MultiheadDilatedAttention:
         """A ``MultiheadDilatedAttention`` with the weights of ``mha`` (and no Sub-LN, like
-        ``mha``). With one config whose segment covers the sequence and rate 1 it computes what
-        ``mha`` computes."""
+        ``mha``), its pattern given as in the constructor (``segment_lengths``/``dilation_rates``
+        or ``spec``). With one config whose segment covers the sequence and rate 1 (or a
+        ``BlockSparseSpec`` whose band covers it) it computes what ``mha`` computes."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
@@ -172,6 +220,7 @@ class MultiheadDilatedAttention(nn.Module):
             mha.num_heads,
             segment_lengths,
             dilation_rates,
+            spec=spec,
             dropout=mha.dropout,
             bias=mha.in_proj_bias is not None,
             batch_first=mha.batch_first,
@@ -230,9 +279,9 @@ class MultiheadDilatedAttention(nn.Module):
     ) -> tuple[Tensor, None]:
         if need_weights:
             raise NotImplementedError(
-                f"{_NAME}: need_weights=True cannot be honoured: dilated attention never forms the "
-                "N x N attention weights (that is what keeps it linear in the sequence length). "
-                "Pass need_weights=False; the second output is None."
+                f"{_NAME}: need_weights=True cannot be honoured: sparse attention (dilated or "
+                "block-sparse) never forms the N x N attention weights (that is what keeps its cost "
+                "below N^2). Pass need_weights=False; the second output is None."
             )
         check_attention_dropout(_NAME, "dropout", self.dropout, self.training)
         unbatched = query.dim() == 2
@@ -256,7 +305,7 @@ class MultiheadDilatedAttention(nn.Module):
                 raise ValueError(
                     f"{_NAME}: {name} must have the query's batch and length and embed_dim "
                     f"{self.embed_dim}: got {name} {tuple(x.shape)} for query {tuple(query.shape)} "
-                    "(batch-first view). Dilated attention relates positions of one sequence; for "
+                    "(batch-first view). Sparse attention relates positions of one sequence; for "
                     "cross-attention between sequences of different lengths use nn.MultiheadAttention."
                 )
         if query.shape[2] != self.embed_dim:
@@ -310,7 +359,9 @@ class MultiheadDilatedAttention(nn.Module):
     # --- incremental decoding --------------------------------------------------------------------
 
     def new_cache(self) -> DilatedKVCache:
-        """An empty decoding cache for ``forward_cached``."""
+        """An empty decoding cache for ``forward_cached`` (a ``DilatedSpec`` module only:
+        ``NotImplementedError`` for a block-sparse one, whose rows come from ``forward``)."""
+        check_bounded_decoding(f"{_NAME}.new_cache", self.spec)
         return DilatedKVCache(self.spec)
 
     def forward_cached(self, x: Tensor, cache: DilatedKVCache) -> Tensor:
@@ -322,7 +373,11 @@ class MultiheadDilatedAttention(nn.Module):
         sequence so far. The first call on an empty cache runs the fused op over ``x`` (a
         prompt); later calls attend token by token over the cache. The cache is updated and keeps
         only the keys later tokens can attend (at most ``max(segment_lengths)``).
+
+        Dilated attention only: for a ``BlockSparseSpec`` it raises ``NotImplementedError`` (call
+        ``forward(x_all, x_all, x_all, is_causal=True)`` on the whole sequence instead).
         """
+        check_bounded_decoding(f"{_NAME}.forward_cached", self.spec)
         check_attention_dropout(_NAME, "dropout", self.dropout, self.training)
         if x.dim() != 3 or x.shape[2] != self.embed_dim:
             raise ValueError(

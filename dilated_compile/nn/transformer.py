@@ -1,5 +1,6 @@
 """Transformer layers with dilated attention, Sub-LN and MAGNETO initialisation
-(Foundation Transformers, Wang et al. 2022), as LongNet uses them.
+(Foundation Transformers, Wang et al. 2022), as LongNet uses them; ``spec=BlockSparseSpec(...)``
+gives the same layers with block-sparse attention.
 
 Sub-LN puts a LayerNorm at the input of each sublayer *and* one inside it, right before its
 output projection:
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_attention_dropout, check_positive_int
+from ._checks import check_attention_dropout, check_positive_int, resolve_attention_spec
 from .decoding import DilatedKVCache
 from .multihead import MultiheadDilatedAttention
 
@@ -84,7 +86,8 @@ class DilatedTransformerEncoderLayer(nn.Module):
 
     Args:
         d_model, nhead: width and query heads.
-        segment_lengths, dilation_rates, mode: the dilated pattern (``DilatedSpec``).
+        segment_lengths, dilation_rates, mode: the dilated pattern (``DilatedSpec``); or give
+            ``spec`` instead.
         dim_feedforward: FFN width.
         dropout: dropout on the residual branches and inside the FFN (honoured in training).
             Unlike ``nn.TransformerEncoderLayer`` it does not drop attention weights; that is
@@ -98,6 +101,8 @@ class DilatedTransformerEncoderLayer(nn.Module):
         num_kv_heads: key/value heads (grouped-query attention).
         bias: of the attention projections.
         position_embedding: ``RotaryEmbedding``/``XPos`` applied to queries and keys.
+        spec: the pattern as a spec (``DilatedSpec`` or ``BlockSparseSpec``) instead of
+            ``segment_lengths``/``dilation_rates``/``mode``; exactly one of the two ways.
 
     ``forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False)`` as in
     ``nn.TransformerEncoderLayer``; the masks follow ``nn.MultiheadAttention``'s conventions and
@@ -109,14 +114,15 @@ class DilatedTransformerEncoderLayer(nn.Module):
         ...     512, 8, segment_lengths=(1024, 2048), dilation_rates=(1, 2), dim_feedforward=2048,
         ...     gamma_init=magneto_gamma(12))
         >>> y = layer(torch.randn(2, 3000, 512), is_causal=True)
+        >>> sparse = DilatedTransformerEncoderLayer(512, 8, spec=BlockSparseSpec(128, local_blocks=2))
     """
 
     def __init__(
         self,
         d_model: int,
         nhead: int,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
         activation: str | Callable[[Tensor], Tensor] = F.relu,
@@ -131,8 +137,10 @@ class DilatedTransformerEncoderLayer(nn.Module):
         mode: str = "mixture",
         bias: bool = True,
         position_embedding: nn.Module | None = None,
+        spec: Any = None,
     ) -> None:
         super().__init__()
+        spec = resolve_attention_spec(type(self).__name__, spec, segment_lengths, dilation_rates, mode)
         factory = {"device": device, "dtype": dtype}
         self.batch_first = bool(batch_first)
         self.gamma_init = float(gamma_init)
@@ -140,15 +148,13 @@ class DilatedTransformerEncoderLayer(nn.Module):
         self.self_attn = MultiheadDilatedAttention(
             d_model,
             nhead,
-            segment_lengths,
-            dilation_rates,
+            spec=spec,
             dropout=attention_dropout,
             bias=bias,
             batch_first=True,
             layer_norm=True,
             gamma_init=gamma_init,
             num_kv_heads=num_kv_heads,
-            mode=mode,
             layer_norm_eps=layer_norm_eps,
             position_embedding=position_embedding,
             **factory,
@@ -198,9 +204,9 @@ class DilatedTransformerDecoderLayer(nn.Module):
         x = x + Dropout(multihead_attn(norm2(x), memory, memory))
         x = x + Dropout(W_2 LN(act(norm3(x) W_1)))
 
-    Both attentions are ``MultiheadDilatedAttention`` with Sub-LN. The cross-attention is
-    dilated too, so ``memory`` must have the length of ``tgt`` (segments are positions of one
-    sequence; a different length raises ``ValueError``).
+    Both attentions are ``MultiheadDilatedAttention`` with Sub-LN and the same pattern. The
+    cross-attention is sparse too, so ``memory`` must have the length of ``tgt`` (the pattern
+    relates positions of one sequence; a different length raises ``ValueError``).
 
     Args: as ``DilatedTransformerEncoderLayer`` (``gamma_init``: ``magneto_gamma_encoder_decoder``).
 
@@ -220,8 +226,8 @@ class DilatedTransformerDecoderLayer(nn.Module):
         self,
         d_model: int,
         nhead: int,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
+        segment_lengths: Sequence[int] | None = None,
+        dilation_rates: Sequence[int] | None = None,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
         activation: str | Callable[[Tensor], Tensor] = F.relu,
@@ -236,31 +242,29 @@ class DilatedTransformerDecoderLayer(nn.Module):
         mode: str = "mixture",
         bias: bool = True,
         position_embedding: nn.Module | None = None,
+        spec: Any = None,
     ) -> None:
         super().__init__()
+        spec = resolve_attention_spec(type(self).__name__, spec, segment_lengths, dilation_rates, mode)
         factory = {"device": device, "dtype": dtype}
         self.batch_first = bool(batch_first)
         self.gamma_init = float(gamma_init)
         attention = dict(
+            spec=spec,
             dropout=attention_dropout,
             bias=bias,
             batch_first=True,
             layer_norm=True,
             gamma_init=gamma_init,
             num_kv_heads=num_kv_heads,
-            mode=mode,
             layer_norm_eps=layer_norm_eps,
             position_embedding=position_embedding,
             **factory,
         )
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
-        self.self_attn = MultiheadDilatedAttention(
-            d_model, nhead, segment_lengths, dilation_rates, **attention
-        )
+        self.self_attn = MultiheadDilatedAttention(d_model, nhead, **attention)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
-        self.multihead_attn = MultiheadDilatedAttention(
-            d_model, nhead, segment_lengths, dilation_rates, **attention
-        )
+        self.multihead_attn = MultiheadDilatedAttention(d_model, nhead, **attention)
         self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
         self.ffn = _SubLNFeedForward(
             d_model, dim_feedforward, activation, dropout, layer_norm_eps, gamma_init, factory

@@ -4,10 +4,13 @@ Importing this package registers the ops. Passes, exporters and tests use the al
 """
 
 from .annotation import annotation_op
+from .block_sparse_attention import block_sparse_attention_backward_op, block_sparse_attention_op
 from .dilated_attention import dilated_attention_backward_op, dilated_attention_op
 
 __all__ = [
     "annotation_op",
+    "block_sparse_attention_backward_op",
+    "block_sparse_attention_op",
     "dilated_attention_backward_op",
     "dilated_attention_op",
 ]

@@ -5,9 +5,9 @@ an SDPA call is captured as the plain ``scaled_dot_product_attention`` node foll
 ``annotation(sdpa_out, payload, pattern)``, where ``payload`` is the spec as JSON
 (``spec.to_json()``, its ``"kind"`` naming the family) and ``pattern`` the tensor the spec
 carries, if any (a block-sparse layout: a graph input, never a constant inside the payload). The
-rewrite pass replaces the pair with the family's op. Keeping the annotation as a node argument (not only node metadata)
-means it is printed with the graph, survives serialisation, and enters every compiled-artifact
-cache key, so a cache can never serve a graph compiled for another spec.
+rewrite pass replaces the pair with the family's op. Keeping the annotation as a node argument
+(not only node metadata) means it is printed with the graph, survives serialisation, and enters
+every compiled-artifact cache key, so a cache can never serve a graph compiled for another spec.
 
 If the graph reaches execution without the rewrite (a backend other than ``"dilated_compile"``),
 the node raises instead of letting the dense SDPA result through: an annotation is never

@@ -744,7 +744,8 @@ def _backward(
 
 
 def dilated_attention_decompositions() -> dict[torch._ops.OpOverload, Callable]:
-    """A decomposition table for the ``torch.ops.dilated_compile.*`` ops.
+    """A decomposition table for the ``torch.ops.dilated_compile.*`` ops (the dilated and the
+    block-sparse families).
 
     Use it with ``ExportedProgram.run_decompositions`` (only our ops are decomposed), merged into
     ``torch.export.default_decompositions()`` (core ATen and our ops), or with ``make_fx``.
@@ -757,7 +758,10 @@ def dilated_attention_decompositions() -> dict[torch._ops.OpOverload, Callable]:
         >>> table.update(dilated_attention_decompositions())
         >>> core_aten = program.run_decompositions(table)
     """
+    from .block_sparse_decompositions import block_sparse_attention_decompositions
+
     return {
         dilated_attention_op: dilated_attention_decomposition,
         dilated_attention_backward_op: dilated_attention_backward_decomposition,
+        **block_sparse_attention_decompositions(),
     }

@@ -32,56 +32,33 @@ returns is the natural-log one, converted at the boundary.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .._pattern import head_parts
-
-LOG2E = 1.4426950408889634
-# Kernels read module globals only as constexprs.
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
-
-#: Head dims the kernels are built for; other head dims use the PyTorch implementation.
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
-
-
-def _launcher(kernel):
-    """``wrap_triton(kernel)``: what torch.compile and torch.export trace a launch through.
-    Under ``TRITON_INTERPRET=1`` (eager only: the interpreter does not mix with tracing) the
-    kernel is launched as it is, because torch 2.11's ``wrap_triton`` cannot unwrap the
-    interpreter's kernels (it expects a ``JITFunction`` under the autotuner)."""
-    return kernel if _interpreting() else wrap_triton(kernel)
-
-
-def _autotuning() -> bool:
-    """``DILATED_COMPILE_AUTOTUNE=0`` keeps each kernel to its first (default) config: no
-    tuning runs at the first call of each shape class, for a fast start (tests, debugging)."""
-    return os.environ.get("DILATED_COMPILE_AUTOTUNE", "1") != "0"
-
-
-def _configs(shapes: Sequence[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, the default first;
-    under the CPU interpreter one small config, since every program step costs milliseconds."""
-    if _interpreting():
-        shapes = [(16, 16, 1, 1)]
-    elif not _autotuning():
-        shapes = shapes[:1]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for m, n, warps, stages in shapes
-    ]
-
+from ._common import (
+    _LN2,
+    _LOG2E,
+    LOG2E,
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    _bias_of,
+    _configs,
+    _dot_precision,
+    _empty_rows_give_zero,
+    _finite_or_zero,
+    _launcher,
+    _mask_base,
+    _mask_bias,
+    _mask_tile,
+    _probs,
+    jit_with_scalars,
+    launch_delta,
+    mask_operand,
+)
 
 # Keyed on the rows per segment (bucketed by the spec, not by N), the head dims, causality, mask,
 # fewer queries than keys and the merge flag (the autotuner adds the tensors' dtypes): a new
@@ -96,10 +73,7 @@ _SCALARS = [
     "num_heads", "num_kv_heads", "kv_lo", "kv_count", "num_offsets",
 ]
 
-
-def _jit(fn):
-    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
-    return triton.jit(fn, do_not_specialize=[n for n in _SCALARS if n in names])
+_jit = jit_with_scalars(_SCALARS)
 
 
 # BLOCK_M is a multiple of BLOCK_N in every forward config (the causal split relies on it).
@@ -196,73 +170,6 @@ def _query_tile(block, row0, n_rows, first, q_off, rate, BLOCK_M: tl.constexpr,
     m_valid = _valid_rows(offs_m, first, n_rows, QUERY_TAIL)
     q_rows = row0 - q_off + offs_m * rate
     return offs_m, offs_n, offs_d, offs_dv, m_valid, q_rows
-
-
-@triton.jit
-def _mask_base(Mask, b, h, smb, smh):
-    """The mask's entries of batch ``b``, head ``h``. 64-bit offsets: a mask that varies along
-    queries and keys can hold more than 2**31 entries, unlike q, k and v."""
-    return Mask + b.to(tl.int64) * smb + h.to(tl.int64) * smh
-
-
-@triton.jit
-def _mask_tile(mask_rows, mask_keys, start_n, offs_n, n_rows, rate, smk, m_valid,
-               MASK_PER_QUERY: tl.constexpr):
-    """The raw mask entries of the key tile from dilated key ``start_n`` (0 past the segment):
-    ``[BLOCK_M, BLOCK_N]``, or ``[1, BLOCK_N]`` for a mask constant along the queries.
-    ``mask_rows``: the entries' pointers of the program's query rows (``[BLOCK_M, 1]``), or of
-    batch and head alone; ``mask_keys``: the offsets of the first tile's keys."""
-    ok = (start_n + offs_n < n_rows)[None, :]
-    if MASK_PER_QUERY:
-        ok = ok & m_valid[:, None]
-    return tl.load(mask_rows + (start_n * rate * smk + mask_keys)[None, :], mask=ok, other=0)
-
-
-@triton.jit
-def _mask_bias(ptrs, ok, MASK_BOOL: tl.constexpr):
-    """attn_mask's term of a score tile in the log2 domain, read at ``ptrs`` where ``ok``."""
-    return _bias_of(tl.load(ptrs, mask=ok, other=0), MASK_BOOL)
-
-
-@triton.jit
-def _bias_of(m, MASK_BOOL: tl.constexpr):
-    """Raw mask entries as a term of the scores in the log2 domain: 0 or -inf for a bool mask
-    (True = keep), ``LOG2E * mask`` for a float one. (Float values below -FLT_MAX / LOG2E, such
-    as finfo(float32).min, become -inf there: removed pairs.)"""
-    if MASK_BOOL:
-        bias = tl.where(m != 0, 0.0, float("-inf"))
-    else:
-        bias = m.to(tl.float32) * _LOG2E
-    return bias
-
-
-@triton.jit
-def _finite_or_zero(x, GUARD: tl.constexpr):
-    """``x`` with -inf replaced by 0 when ``GUARD``: the base of an ``exp2`` for rows that may
-    have kept no key yet (with a mask), where ``exp2(-inf - -inf)`` would be NaN."""
-    if GUARD:
-        x = tl.where(x == float("-inf"), 0.0, x)
-    return x
-
-
-@triton.jit
-def _empty_rows_give_zero(lse2, GUARD: tl.constexpr):
-    """The backward's lse with -inf (a row that kept no key) replaced by +inf, so every
-    ``exp2(s - lse)`` of that row is 0 rather than inf or NaN."""
-    if GUARD:
-        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-    return lse2
-
-
-@triton.jit
-def _probs(s, lse2, keep, FLOAT_MASK: tl.constexpr):
-    """The backward's attention weights ``exp2(s - lse)`` of the kept pairs. With a float mask,
-    a row whose kept scores are all huge and negative (a mask of -1e9, say) has s and lse where
-    float32 rounding can leave ``s - lse`` > 0 and its exp2 inf; the exact value is <= 0."""
-    x = s - lse2
-    if FLOAT_MASK:
-        x = tl.minimum(x, 0.0)
-    return tl.where(keep, tl.math.exp2(x), 0.0)
 
 
 # What a key span holds of a mask constant along the queries (key padding): every entry neutral
@@ -433,31 +340,6 @@ def dilated_attention_fwd_kernel(
         lse2 = new2
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None])
     tl.store(l_ptrs, lse2 * _LN2, mask=m_valid)
-
-
-@triton.jit
-def dilated_attention_bwd_delta_kernel(
-    Out, dOut, GradLse, Delta,
-    sob, soh, son, sod, sgb, sgh, sgn, sgd, slb, slh, sln,
-    H, N,
-    HEAD_DIM_V: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Delta = rowsum(dO * O) - dL/dlse (fp32, contiguous [B, H, N]; N the query rows)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
-    valid = rows < N
-    cols = tl.arange(0, HEAD_DIM_V)
-    o = tl.load(Out + b * sob + h * soh + rows[:, None] * son + cols[None, :] * sod,
-                mask=valid[:, None], other=0.0).to(tl.float32)
-    do = tl.load(dOut + b * sgb + h * sgh + rows[:, None] * sgn + cols[None, :] * sgd,
-                 mask=valid[:, None], other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    if HAS_GRAD_LSE:
-        delta -= tl.load(GradLse + b * slb + h * slh + rows * sln, mask=valid, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh * N + rows, delta, mask=valid)
 
 
 @triton.jit
@@ -748,12 +630,6 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get exact float32 products: TF32 would make the kernel ~1000x less
-    # accurate than the PyTorch implementation it must match.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _rows_bucket(launch: Launch) -> int:
     return triton.next_power_of_2(-(-launch.segment_length // launch.rate))
 
@@ -801,15 +677,6 @@ def _key_counts(keys: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(counts, (1, 0))
 
 
-def _bytes_of(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask as uint8 (1 = keep) with the same broadcast view. Converted on its stored
-    entries only (the dims it broadcasts over are cut to one first), so a key-padding mask
-    stays ``B * Nk`` bytes; a copy rather than ``view(torch.uint8)``, which Inductor cannot
-    lower for a mask it computed itself."""
-    stored = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
-    return stored.to(torch.uint8).expand(mask.shape)
-
-
 def _mask_args(attn_mask, q):
     """(tensor, its four strides, key counts, their two strides, constexpr flags) that the
     kernels take for ``attn_mask``, a ``[B, Hq, Nq, Nk]`` view (stride 0 on broadcast dims) or
@@ -818,21 +685,15 @@ def _mask_args(attn_mask, q):
     counts (``_key_counts``, per batch and head it varies over; None for other masks) let the
     launches skip the mask over keys that are all kept, and the work over keys that are all
     removed (``SPAN_FILTER``)."""
-    if attn_mask is None:
-        flags = dict(HAS_MASK=False, MASK_BOOL=False, MASK_PER_QUERY=False)
-        return q, (0, 0, 0, 0), None, (0, 0), flags
-    is_bool = attn_mask.dtype == torch.bool
-    tensor = _bytes_of(attn_mask) if is_bool else attn_mask
-    per_query = attn_mask.shape[2] != 1 and attn_mask.stride(2) != 0
-    flags = dict(HAS_MASK=True, MASK_BOOL=is_bool, MASK_PER_QUERY=per_query)
-    if per_query:
-        return tensor, tensor.stride(), None, (0, 0), flags
+    tensor, strides, flags = mask_operand(attn_mask, q)
+    if attn_mask is None or flags["MASK_PER_QUERY"]:
+        return tensor, strides, None, (0, 0), flags
     keys = attn_mask[:, :, 0, :]
     varies = [keys.shape[d] != 1 and keys.stride(d) != 0 for d in (0, 1)]
     keys = keys[: None if varies[0] else 1, : None if varies[1] else 1]
     counts = _key_counts(keys)
     count_strides = tuple(counts.stride(d) if varies[d] else 0 for d in (0, 1))
-    return tensor, tensor.stride(), counts, count_strides, flags
+    return tensor, strides, counts, count_strides, flags
 
 
 def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, attn_mask=None):
@@ -899,17 +760,7 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
     precision = _dot_precision(q.dtype)
     query_tail = seq_q != seq_k
 
-    delta = torch.empty(batch, num_heads, seq_q, device=q.device, dtype=torch.float32)
-    lse_grad = grad_lse if grad_lse is not None else lse  # any tensor; unread without grad_lse
-    delta_block = 64 if not _interpreting() else 16
-    _launcher(dilated_attention_bwd_delta_kernel)[
-        (triton.cdiv(seq_q, delta_block), batch * num_heads)
-    ](
-        out, grad_out, lse_grad, delta,
-        *out.stride(), *grad_out.stride(), *lse_grad.stride(),
-        num_heads, seq_q,
-        HEAD_DIM_V=head_dim_v, HAS_GRAD_LSE=grad_lse is not None, BLOCK=delta_block,
-    )
+    delta = launch_delta(grad_out, out, lse, grad_lse)
 
     # Where every query head (every kv head's group) is in one launch, that launch writes the
     # gradient in its final dtype; else launches add into fp32 buffers, the first one writing

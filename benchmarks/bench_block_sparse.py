@@ -160,6 +160,8 @@ def main():
     parser.add_argument("--layouts", nargs="+", default=sorted(LAYOUTS))
     parser.add_argument("--no-causal", action="store_true")
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=None,
+                        help="head dims (default: 64, and 64 and 128 at 64K)")
     parser.add_argument("--memory", action="store_true", help="also fwd+bwd at 1M tokens")
     args = parser.parse_args()
 
@@ -172,7 +174,7 @@ def main():
     experiments = [
         Experiment(layout, n, d, causal, backward)
         for layout in args.layouts for n in args.n
-        for d in ((64, 128) if n == 64 * K else (64,))
+        for d in (args.head_dims or ((64, 128) if n == 64 * K else (64,)))
         for causal in ((False,) if args.no_causal else (False, True))
         for backward in ((False,) if args.no_backward else (False, True))
     ]

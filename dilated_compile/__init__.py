@@ -25,6 +25,7 @@ from .aot import aot_compile
 from .apply_specs import AppliedSpecs, apply, register_region
 from .block_sparse_annotation import block_sparse
 from .block_sparse_spec import BlockSparseSpec
+from .distributed import gather_sequence, sequence_parallel, shard_sequence
 from .backend import compile
 from .explain import ExplainReport, explain
 from .export import export
@@ -49,8 +50,11 @@ __all__ = [
     "dilated_attention",
     "explain",
     "export",
+    "gather_sequence",
     "ops",
     "register_region",
+    "sequence_parallel",
+    "shard_sequence",
     "tensorrt",
     "to_onnx",
 ]

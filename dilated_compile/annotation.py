@@ -130,9 +130,18 @@ def check_sdpa_arguments(spec: Any, arguments: dict[str, Any]) -> None:
     family_of_spec(spec).check(spec, query, key)
 
 
+# Hooks that may take over a region's SDPA call, ``(spec, arguments) -> Tensor | None`` (None:
+# decline). ``sequence_parallel`` registers one while a context is open.
+SDPA_CALL_HOOKS: list[Callable[[Any, dict[str, Any]], torch.Tensor | None]] = []
+
+
 def annotated_sdpa(spec: Any, payload: str, arguments: dict[str, Any]) -> torch.Tensor:
     """One SDPA call inside a region of ``spec``: the family's attention now, or its annotated
-    capture."""
+    capture (or what a hook of ``SDPA_CALL_HOOKS`` computes)."""
+    for hook in SDPA_CALL_HOOKS:
+        result = hook(spec, arguments)
+        if result is not None:
+            return result
     check_sdpa_arguments(spec, arguments)
     family = family_of_spec(spec)
     query, key, value = arguments["query"], arguments["key"], arguments["value"]

@@ -23,6 +23,7 @@ sequence length however many blocks a global row attends.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Optional
 
@@ -207,3 +208,49 @@ def build_block_index(
         blocks.to(torch.int32), counts.to(torch.int32), q_ptr, q_indices, first_block,
         num_query_blocks, num_key_blocks, dense_rows,
     )
+
+
+# Eager calls with the same pattern and lengths (every layer of a model, every step of a
+# training loop) share one index: building it is a few hundred small tensor ops, whose launch
+# overhead alone (~2.5 ms for BigBird) exceeds the kernels' time at 16K tokens.
+_INDEX_CACHE: collections.OrderedDict = collections.OrderedDict()
+_INDEX_CACHE_SIZE = 32
+
+
+def _tracing(t: Tensor) -> bool:
+    """Whether ``t`` belongs to a trace (Dynamo, make_fx, fake or functional tensors), where the
+    index must be built as graph ops rather than served from a cache."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return (
+        torch.compiler.is_compiling()
+        or isinstance(t, FakeTensor)
+        or torch._is_functional_tensor(t)
+        or get_proxy_mode() is not None
+    )
+
+
+def cached_block_index(like: Tensor, *arguments, transpose: bool = False) -> BlockIndex:
+    """``build_block_index(*arguments, like.device, transpose=transpose)`` (``arguments``: its
+    arguments from ``block_size`` to ``is_causal``), served from a small LRU cache in eager mode.
+
+    The key holds every argument; an explicit layout is keyed by identity and by its version
+    counter (an in-place change to the layout builds a new index), and the cache keeps the
+    layout alive so its identity cannot be reused. Under tracing the index is always built, as
+    ops of the graph."""
+    layout = arguments[5]
+    args = (*arguments, like.device)
+    if _tracing(like) or (layout is not None and _tracing(layout)):
+        return build_block_index(*args, transpose=transpose)
+    layout_key = None if layout is None else (id(layout), layout._version)
+    key = (*args[:5], layout_key, *args[6:], transpose)
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None and hit[0] is layout:
+        _INDEX_CACHE.move_to_end(key)
+        return hit[1]
+    index = build_block_index(*args, transpose=transpose)
+    _INDEX_CACHE[key] = (layout, index)
+    while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
+        _INDEX_CACHE.popitem(last=False)
+    return index

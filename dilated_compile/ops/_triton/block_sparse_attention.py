@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._block_layout import BlockIndex, build_block_index
+from .._block_layout import BlockIndex, cached_block_index
 from ._common import LOG2E, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, jit_with_scalars, launch_delta
 from ._common import _LN2, _LOG2E, _bias_of, _configs, _dot_precision, _empty_rows_give_zero
 from ._common import _finite_or_zero, _interpreting, _launcher, _mask_base, _mask_bias, _mask_tile
@@ -594,9 +594,9 @@ _DKDV = _variants(block_sparse_attention_bwd_dkdv_kernel, _DKDV_SHAPES, _DKDV_SH
 
 def _block_index(q, k, block_size, local_blocks, global_blocks, random_blocks, seed, layout,
                  is_causal, transpose=False) -> BlockIndex:
-    return build_block_index(
-        block_size, local_blocks, global_blocks, random_blocks, seed, layout, q.shape[1],
-        q.shape[2], k.shape[2], is_causal, q.device, transpose=transpose,
+    return cached_block_index(
+        q, block_size, local_blocks, global_blocks, random_blocks, seed, layout, q.shape[1],
+        q.shape[2], k.shape[2], is_causal, transpose=transpose,
     )
 
 

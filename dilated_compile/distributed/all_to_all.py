@@ -1,0 +1,119 @@
+"""The ``"all_to_all"`` strategy (DeepSpeed-Ulysses): trade the sequence shard for a head shard.
+
+One all-to-all turns every rank's ``[B, H, n_r, D]`` q/k/v shards into the full sequence of
+``H / W`` heads (rank ``r`` gets heads ``[r*H/W, (r+1)*H/W)``), the pattern's op runs on it,
+and a second all-to-all returns the rows. Exact when a rank's heads see the pattern they have
+in the whole: dense always; dilated ``mixture`` when ``(Hq / W) % lcm(dilation_rates) == 0``
+(head ``h`` uses offset ``h mod r``); block-sparse always (per-head random blocks or layouts
+travel as the explicit layout of the rank's heads). ``head_groups`` needs ``W == 1``. With
+``Hkv % W != 0`` each key/value head is repeated the fewest times that makes them split. Masks raise.
+
+Per-rank traffic (bytes received): ``(W - 1) / W * c * B * (Hq * D + Hkv' * (D + Dv)) *
+itemsize`` forward plus ``(W - 1) / W * c * B * Hq * Dv * itemsize`` on the way back (``c``:
+padded positions per rank, ``Hkv'`` the key/value heads after repetition); the backward moves
+the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..block_sparse_spec import BlockSparseSpec
+from .collectives import all_to_all_rows, assemble, pack_ranges, unpack_ranges
+from .plan import Plan, block_layout_tensor, pattern_attention
+
+
+def check_all_to_all(plan: Plan, q_heads: int, has_mask: bool) -> None:
+    """ValueError naming the reason and the strategies to use, when this call is not exact."""
+    w = plan.world
+    if has_mask:
+        raise ValueError(
+            "sequence_parallel(strategy='all_to_all') does not take attn_mask; use "
+            "strategy='all_gather' (or 'ring' for dense attention)"
+        )
+    if q_heads % w:
+        raise ValueError(
+            f"sequence_parallel(strategy='all_to_all') splits the {q_heads} query heads over "
+            f"{w} ranks: they must be a multiple of {w}; use strategy='all_gather'"
+            + (" or 'ring'" if plan.kind == "dense" else "")
+        )
+    if plan.kind == "dilated" and w > 1:
+        spec = plan.spec
+        if spec.mode == "head_groups":
+            raise ValueError(
+                "sequence_parallel(strategy='all_to_all') cannot split mode='head_groups' heads "
+                "over ranks (a rank's heads would form other groups); use strategy='all_gather'"
+            )
+        period = math.lcm(*spec.dilation_rates)
+        if (q_heads // w) % period:
+            raise ValueError(
+                f"sequence_parallel(strategy='all_to_all'): each rank gets {q_heads // w} of the "
+                f"{q_heads} heads, not a multiple of lcm(dilation_rates) = {period}, so its heads "
+                "would use other dilation offsets than in the whole; use strategy='all_gather' "
+                f"(or a head count whose share per rank is a multiple of {period})"
+            )
+
+
+def _rank_spec(plan: Plan, q_heads: int, device: torch.device):
+    """The pattern of this rank's heads."""
+    spec = plan.spec
+    if not isinstance(spec, BlockSparseSpec):
+        return spec
+    if not spec.random_blocks and (spec.layout is None or spec.layout.shape[0] == 1):
+        return spec  # every head keeps the same blocks
+    h = q_heads // plan.world
+    layout = block_layout_tensor(spec, q_heads, plan.n, plan.is_causal, device)
+    layout = layout[plan.rank * h:(plan.rank + 1) * h] if layout.shape[0] > 1 else layout
+    return BlockSparseSpec(spec.block_size, local_blocks=None, layout=layout.contiguous())
+
+
+def all_to_all_attention(
+    plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """This rank's attention rows. Shapes: q ``[B, Hq, n_r, D]``, k ``[B, Hkv, n_r, D]``, v
+    ``[B, Hkv, n_r, Dv]`` -> ``[B, Hq, n_r, Dv]``."""
+    q_heads, kv_heads, w = q.shape[1], k.shape[1], plan.world
+    check_all_to_all(plan, q_heads, attn_mask is not None)
+    if kv_heads % w:
+        # GQA with too few kv heads to split: repeat each the fewest times f (a divisor of the
+        # group size) that makes them split; query head h still reads a copy of kv head h // g.
+        group_size = q_heads // kv_heads
+        f = next(f for f in range(1, group_size + 1) if group_size % f == 0 and kv_heads * f % w == 0)
+        k, v = k.repeat_interleave(f, dim=1), v.repeat_interleave(f, dim=1)
+        kv_heads *= f
+    n, layout, rank = plan.n, plan.layout, plan.rank
+    packed = [pack_ranges(x, n, w, layout, rank, 2) for x in (q, k, v)]  # [B, H, c_r, *]
+    batch, length = q.shape[0], packed[0].shape[2]
+    hq, hk = q_heads // w, kv_heads // w
+    rows = []
+    for j in range(w):  # row j goes to rank j: its heads of my positions
+        rows.append(torch.cat([
+            packed[0][:, j * hq:(j + 1) * hq].reshape(-1),
+            packed[1][:, j * hk:(j + 1) * hk].reshape(-1),
+            packed[2][:, j * hk:(j + 1) * hk].reshape(-1),
+        ]))
+    received = all_to_all_rows(torch.stack(rows), plan.group, w)  # row i: rank i's positions
+    sizes = [batch * hq * length * q.shape[3], batch * hk * length * k.shape[3],
+             batch * hk * length * v.shape[3]]
+    shapes = [(batch, hq, length, q.shape[3]), (batch, hk, length, k.shape[3]),
+              (batch, hk, length, v.shape[3])]
+    parts = [list(torch.split(received[i], sizes)) for i in range(w)]
+    full = [assemble([parts[i][t].view(shapes[t]) for i in range(w)], n, w, layout, 2) for t in range(3)]
+
+    out, _ = pattern_attention(_rank_spec(plan, q_heads, q.device), *full, plan.is_causal, plan.scale, None)
+    # Back: rank i gets its positions of my heads.
+    back = torch.stack([pack_ranges_of(out, plan, i).reshape(-1) for i in range(w)])
+    returned = all_to_all_rows(back, plan.group, w)  # row j: my positions, rank j's heads
+    dv = v.shape[3]
+    heads = [returned[j].view(batch, hq, length, dv) for j in range(w)]
+    return unpack_ranges(torch.cat(heads, dim=1), n, w, layout, rank, 2)
+
+
+def pack_ranges_of(full: torch.Tensor, plan: Plan, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s positions of the full sequence ``full`` (dim 2), packed as
+    ``pack_ranges`` packs them."""
+    pieces = [full[:, :, a:b] for a, b in plan.ranges(rank)]
+    local = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
+    return pack_ranges(local, plan.n, plan.world, plan.layout, rank, 2)

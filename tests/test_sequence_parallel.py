@@ -73,3 +73,19 @@ def test_mismatched_calls_raise_the_same_error_on_every_rank(run):
 
 def test_compiled_equals_eager(run):
     assert run("compiled", 2) == ["ok", "ok"]
+
+
+def test_modules_with_position_embeddings_refuse_a_sharded_sequence():
+    """Their arange positions would be the shard's local ones: refused before any collective."""
+    import torch
+
+    from dilated_compile import DilatedSpec, sequence_parallel
+    from dilated_compile.nn import MultiheadDilatedAttention
+    from dilated_compile.nn.positions import RotaryEmbedding
+
+    attention = MultiheadDilatedAttention(
+        16, 2, spec=DilatedSpec((8,), (1,)), position_embedding=RotaryEmbedding(8), batch_first=True)
+    x = torch.randn(1, 8, 16)
+    with pytest.raises(NotImplementedError, match="global positions"), sequence_parallel():
+        attention(x, x, x)
+    attention(x, x, x)  # outside the context: as before

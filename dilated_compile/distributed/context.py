@@ -37,6 +37,11 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _OPEN: list[sequence_parallel] = []
 
 
+def sequence_parallel_is_open() -> bool:
+    """Whether a ``sequence_parallel`` context is open in this process."""
+    return bool(_OPEN)
+
+
 @torch._dynamo.disable
 def _run(spec: Any, arguments: dict[str, Any], context: sequence_parallel) -> torch.Tensor:
     return sequence_parallel_attention(spec, arguments, context)

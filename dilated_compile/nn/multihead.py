@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed.context import sequence_parallel_is_open
 from ..spec import DilatedSpec
 from ._checks import (
     check_attention_dropout,
@@ -252,6 +253,15 @@ class MultiheadDilatedAttention(nn.Module):
         k = self.k_proj(key).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.position_embedding is not None:
+            if sequence_parallel_is_open():
+                # The rows are one rank's shard: arange would give them the shard's local
+                # positions, silently wrong for every rank but the first.
+                raise NotImplementedError(
+                    f"{type(self).__name__}: a position embedding ({type(self.position_embedding).__name__}) "
+                    "inside sequence_parallel(...) is not supported yet (it would need the shard's "
+                    "global positions). Apply positions outside the module (position_embedding=None) "
+                    "or run the module without sequence_parallel."
+                )
             positions = torch.arange(start, start + seq_len, device=query.device)
             q, k = self.position_embedding(q, k, positions)
         return q, k, v

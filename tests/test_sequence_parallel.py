@@ -89,3 +89,29 @@ def test_modules_with_position_embeddings_refuse_a_sharded_sequence():
     with pytest.raises(NotImplementedError, match="global positions"), sequence_parallel():
         attention(x, x, x)
     attention(x, x, x)  # outside the context: as before
+
+
+def test_all_to_all_reuses_a_ranks_layout_across_calls():
+    """The rank's explicit layout is one tensor per pattern and length (so the op's index cache
+    hits), rebuilt when the spec's layout changes in place; and it is the rank's heads of the
+    whole sequence's blocks."""
+    import torch
+
+    from dilated_compile import BlockSparseSpec
+    from dilated_compile.distributed.all_to_all import _rank_spec
+    from dilated_compile.distributed.plan import Plan
+    from dilated_compile.testing import block_layout
+
+    spec = BlockSparseSpec(16, local_blocks=1, random_blocks=2, seed=4)
+    plan = Plan(spec, None, 1, 2, "contiguous", 150, False, None)
+    first = _rank_spec(plan, 4, torch.device("cpu"))
+    assert _rank_spec(plan, 4, torch.device("cpu")) is first
+    assert torch.equal(first.layout, block_layout(spec, 4, 150)[2:4])
+
+    layout = torch.zeros(1, 10, 10, dtype=torch.bool)
+    explicit = BlockSparseSpec(16, local_blocks=None, random_blocks=1, layout=layout)
+    plan = Plan(explicit, None, 0, 2, "contiguous", 150, False, None)
+    before = _rank_spec(plan, 4, torch.device("cpu"))
+    layout[0, 3, 7] = True
+    after = _rank_spec(plan, 4, torch.device("cpu"))
+    assert after is not before and after.layout[:, 3, 7].all() and not before.layout[:, 3, 7].any()

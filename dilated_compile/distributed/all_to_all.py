@@ -21,6 +21,7 @@ import math
 import torch
 
 from ..block_sparse_spec import BlockSparseSpec
+from ..ops._block_layout import EagerCache
 from .collectives import all_to_all_rows, assemble, pack_ranges, unpack_ranges
 from .plan import Plan, block_layout_tensor, pattern_attention
 
@@ -56,6 +57,12 @@ def check_all_to_all(plan: Plan, q_heads: int, has_mask: bool) -> None:
             )
 
 
+# The rank's layout is built from the whole sequence's block index and handed to the op as an
+# explicit layout, which the op's own index cache knows by identity: one tensor per pattern and
+# length, reused across layers and steps, so neither is rebuilt on every call.
+_RANK_SPECS = EagerCache(8)
+
+
 def _rank_spec(plan: Plan, q_heads: int, device: torch.device):
     """The pattern of this rank's heads."""
     spec = plan.spec
@@ -64,9 +71,16 @@ def _rank_spec(plan: Plan, q_heads: int, device: torch.device):
     if not spec.random_blocks and (spec.layout is None or spec.layout.shape[0] == 1):
         return spec  # every head keeps the same blocks
     h = q_heads // plan.world
-    layout = block_layout_tensor(spec, q_heads, plan.n, plan.is_causal, device)
-    layout = layout[plan.rank * h:(plan.rank + 1) * h] if layout.shape[0] > 1 else layout
-    return BlockSparseSpec(spec.block_size, local_blocks=None, layout=layout.contiguous())
+
+    def build() -> BlockSparseSpec:
+        layout = block_layout_tensor(spec, q_heads, plan.n, plan.is_causal, device)
+        layout = layout[plan.rank * h:(plan.rank + 1) * h] if layout.shape[0] > 1 else layout
+        return BlockSparseSpec(spec.block_size, local_blocks=None, layout=layout.contiguous())
+
+    # The spec names an explicit layout by identity; its version counter catches in-place edits.
+    version = None if spec.layout is None else spec.layout._version
+    key = (spec, version, q_heads, plan.n, plan.is_causal, device, plan.rank, plan.world)
+    return _RANK_SPECS.get(key, spec.layout, build)
 
 
 def all_to_all_attention(

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -210,11 +211,36 @@ def build_block_index(
     )
 
 
+class EagerCache:
+    """A small LRU of values built for eager calls. Objects a key names by identity (explicit
+    layouts) are held with the value, so their identity cannot be reused while it lives, and a
+    hit needs the very same object."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Any, held: Any, build: Callable[[], Any]) -> Any:
+        """The value of ``key`` (built by ``build()`` on a miss), ``held`` kept alive with it."""
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is held:
+            self._entries.move_to_end(key)
+            return hit[1]
+        value = build()
+        self._entries[key] = (held, value)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+
 # Eager calls with the same pattern and lengths (every layer of a model, every step of a
 # training loop) share one index: building it is a few hundred small tensor ops, whose launch
 # overhead alone (~2.5 ms for BigBird) exceeds the kernels' time at 16K tokens.
-_INDEX_CACHE: collections.OrderedDict = collections.OrderedDict()
 _INDEX_CACHE_SIZE = 32
+_INDEX_CACHE = EagerCache(_INDEX_CACHE_SIZE)
 
 
 def _tracing(t: Tensor) -> bool:
@@ -245,12 +271,4 @@ def cached_block_index(like: Tensor, *arguments, transpose: bool = False) -> Blo
         return build_block_index(*args, transpose=transpose)
     layout_key = None if layout is None else (id(layout), layout._version)
     key = (*args[:5], layout_key, *args[6:], transpose)
-    hit = _INDEX_CACHE.get(key)
-    if hit is not None and hit[0] is layout:
-        _INDEX_CACHE.move_to_end(key)
-        return hit[1]
-    index = build_block_index(*args, transpose=transpose)
-    _INDEX_CACHE[key] = (layout, index)
-    while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
-        _INDEX_CACHE.popitem(last=False)
-    return index
+    return _INDEX_CACHE.get(key, layout, lambda: build_block_index(*args, transpose=transpose))

@@ -10,13 +10,14 @@ zero gradients, never NaN.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from .tuning import autotune_mode, select
 
 LOG2E = 1.4426950408889634
 # Kernels read module globals only as constexprs.
@@ -43,7 +44,14 @@ def _launcher(kernel):
 def _autotuning() -> bool:
     """``DILATED_COMPILE_AUTOTUNE=0`` keeps each kernel to its first (default) config: no
     tuning runs at the first call of each shape class, for a fast start (tests, debugging)."""
-    return os.environ.get("DILATED_COMPILE_AUTOTUNE", "1") != "0"
+    return autotune_mode() != "0"
+
+
+def launch_tuned(name: str, grid, *args, **kwargs) -> None:
+    """Launch the registered kernel ``name`` (``tuning.tuned``) on ``grid`` with the config
+    ``tuning.select`` picks: the shipped one for this GPU, else the autotuner's."""
+    kernel = select(name, args[0].device, args, kwargs)
+    _launcher(kernel)[grid](*args, **kwargs)
 
 
 def _configs(shapes: Sequence[tuple[int, int, int, int]]) -> list[triton.Config]:

@@ -45,7 +45,8 @@ from .._block_layout import BlockIndex, cached_block_index
 from ._common import LOG2E, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, jit_with_scalars, launch_delta
 from ._common import _LN2, _LOG2E, _bias_of, _configs, _dot_precision, _empty_rows_give_zero
 from ._common import _finite_or_zero, _interpreting, _launcher, _mask_base, _mask_bias, _mask_tile
-from ._common import _probs, mask_operand
+from ._common import _probs, launch_tuned, mask_operand
+from .tuning import tuned
 
 #: Block sizes the kernels tile (powers of two: every tile size divides them).
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -568,28 +569,31 @@ def block_sparse_attention_bwd_dkdv_kernel(
 # --- launchers --------------------------------------------------------------------------------
 
 
-def _tuned(kernel, shapes: tuple, block_size: int):
+def _tuned(name: str, kernel, shapes: tuple, block_size: int) -> str:
     """``kernel`` autotuned over ``shapes`` with tiles cut to ``block_size`` (a program's tiles
-    must divide the block). No ``restore_value``: every kernel writes its outputs without reading
-    them, so a tuning run leaves nothing to undo."""
+    must divide the block), registered as ``name``. No ``restore_value``: every kernel writes its
+    outputs without reading them, so a tuning run leaves nothing to undo."""
     capped = dict.fromkeys(
         # Tiles cut below the default sizes are too small for 8 warps' worth of MMA work.
         (min(m, block_size), min(n, block_size), w if max(m, n) <= block_size else min(w, 4), s)
         for m, n, w, s in shapes
     )
-    return triton.autotune(configs=_configs(list(capped)), key=_TUNE_KEY)(kernel)
+    tuned(name, kernel, _configs(list(capped)), _TUNE_KEY)
+    return name
 
 
-def _variants(kernel, shapes: tuple, shapes_fp32: tuple) -> dict:
-    """The tuned ``kernel`` per (float32 inputs, block size). Built once, here: the launchers run
-    inside traced op bodies, which should find finished kernel objects."""
-    return {(fp32, block_size): _tuned(kernel, shapes_fp32 if fp32 else shapes, block_size)
+def _variants(name: str, kernel, shapes: tuple, shapes_fp32: tuple) -> dict:
+    """The registered names of the tuned ``kernel`` per (float32 inputs, block size). Built once,
+    here: the launchers run inside traced op bodies, which should find finished kernel objects."""
+    return {(fp32, block_size): _tuned(f"{name}_bs{block_size}{'_fp32' if fp32 else ''}", kernel,
+                                       shapes_fp32 if fp32 else shapes, block_size)
             for fp32 in (False, True) for block_size in SUPPORTED_BLOCK_SIZES}
 
 
-_FWD = _variants(block_sparse_attention_fwd_kernel, _FWD_SHAPES, _FWD_SHAPES_FP32)
-_DQ = _variants(block_sparse_attention_bwd_dq_kernel, _DQ_SHAPES, _DQ_SHAPES_FP32)
-_DKDV = _variants(block_sparse_attention_bwd_dkdv_kernel, _DKDV_SHAPES, _DKDV_SHAPES_FP32)
+_FWD = _variants("block_sparse_fwd", block_sparse_attention_fwd_kernel, _FWD_SHAPES, _FWD_SHAPES_FP32)
+_DQ = _variants("block_sparse_bwd_dq", block_sparse_attention_bwd_dq_kernel, _DQ_SHAPES, _DQ_SHAPES_FP32)
+_DKDV = _variants("block_sparse_bwd_dkdv", block_sparse_attention_bwd_dkdv_kernel, _DKDV_SHAPES,
+                  _DKDV_SHAPES_FP32)
 
 
 def _block_index(q, k, block_size, local_blocks, global_blocks, random_blocks, seed, layout,
@@ -662,7 +666,8 @@ def forward(q, k, v, block_size, local_blocks, global_blocks, random_blocks, see
         (index.num_query_blocks + index.dense_rows * (splits - 1))
         * (block_size // meta["BLOCK_M"]) * heads,
     )
-    _launcher(_FWD[q.dtype == torch.float32, block_size])[grid](
+    launch_tuned(
+        _FWD[q.dtype == torch.float32, block_size], grid,
         q, k, v, out, lse, part, part_lse, mask, index.kv_indices, index.kv_counts,
         _identity(index, q.device),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *mask_strides,
@@ -706,7 +711,8 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, block_size, local_blocks, gl
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     heads = batch * num_heads
     grid = lambda meta: (index.num_query_blocks * (block_size // meta["BLOCK_M"]) * heads,)  # noqa: E731
-    _launcher(_DQ[q.dtype == torch.float32, block_size])[grid](
+    launch_tuned(
+        _DQ[q.dtype == torch.float32, block_size], grid,
         q, k, v, grad_out, lse, delta, dq, mask, index.kv_indices, index.kv_counts, identity,
         *strides, _head_stride(index.kv_indices), index.kv_indices.stride(1),
         _head_stride(index.kv_counts), index.kv_counts.stride(1),
@@ -718,7 +724,8 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, block_size, local_blocks, gl
     dv = torch.empty(batch, num_kv_heads, seq_k, head_dim_v, device=q.device, dtype=v.dtype)
     kv_heads = batch * num_kv_heads
     kv_grid = lambda meta: (index.num_key_blocks * (block_size // meta["BLOCK_N"]) * kv_heads,)  # noqa: E731
-    _launcher(_DKDV[q.dtype == torch.float32, block_size])[kv_grid](
+    launch_tuned(
+        _DKDV[q.dtype == torch.float32, block_size], kv_grid,
         q, k, v, grad_out, lse, delta, dk, dv, mask, index.q_ptr, index.q_indices, identity,
         *strides, _head_stride(index.q_ptr), _head_stride(index.q_indices),
         seq_k, seq_q, kv_heads, num_heads, num_kv_heads, kv_group, index.first_block,

@@ -50,15 +50,16 @@ from ._common import (
     _dot_precision,
     _empty_rows_give_zero,
     _finite_or_zero,
-    _launcher,
     _mask_base,
     _mask_bias,
     _mask_tile,
     _probs,
     jit_with_scalars,
+    launch_tuned,
     launch_delta,
     mask_operand,
 )
+from .tuning import tuned
 
 # Keyed on the rows per segment (bucketed by the spec, not by N), the head dims, causality, mask,
 # fewer queries than keys and the merge flag (the autotuner adds the tensors' dtypes): a new
@@ -569,22 +570,27 @@ def dilated_attention_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
 
 
-def _tuned(kernel, configs, key, restore_value):
-    return triton.autotune(configs=configs, key=_TUNE_KEY + [key], restore_value=restore_value)(kernel)
+def _tuned(name, kernel, configs, key, restore_value):
+    tuned(name, kernel, configs, _TUNE_KEY + [key], restore_value)
+    return name
 
 
-# (16-bit inputs, float32 inputs) variants of each tuned kernel.
+# The registered names of (16-bit inputs, float32 inputs) variants of each tuned kernel.
 _FWD = (
-    _tuned(dilated_attention_fwd_kernel, _FWD_CONFIGS, "MERGE", ["Out", "Lse"]),
-    _tuned(dilated_attention_fwd_kernel, _FWD_CONFIGS_FP32, "MERGE", ["Out", "Lse"]),
+    _tuned("dilated_fwd", dilated_attention_fwd_kernel, _FWD_CONFIGS, "MERGE", ["Out", "Lse"]),
+    _tuned("dilated_fwd_fp32", dilated_attention_fwd_kernel, _FWD_CONFIGS_FP32, "MERGE",
+           ["Out", "Lse"]),
 )
 _DQ = (
-    _tuned(dilated_attention_bwd_dq_kernel, _DQ_CONFIGS, "ACCUMULATE", ["DQ"]),
-    _tuned(dilated_attention_bwd_dq_kernel, _DQ_CONFIGS_FP32, "ACCUMULATE", ["DQ"]),
+    _tuned("dilated_bwd_dq", dilated_attention_bwd_dq_kernel, _DQ_CONFIGS, "ACCUMULATE", ["DQ"]),
+    _tuned("dilated_bwd_dq_fp32", dilated_attention_bwd_dq_kernel, _DQ_CONFIGS_FP32, "ACCUMULATE",
+           ["DQ"]),
 )
 _DKDV = (
-    _tuned(dilated_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, "ACCUMULATE", ["DK", "DV"]),
-    _tuned(dilated_attention_bwd_dkdv_kernel, _DKDV_CONFIGS_FP32, "ACCUMULATE", ["DK", "DV"]),
+    _tuned("dilated_bwd_dkdv", dilated_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, "ACCUMULATE",
+           ["DK", "DV"]),
+    _tuned("dilated_bwd_dkdv_fp32", dilated_attention_bwd_dkdv_kernel, _DKDV_CONFIGS_FP32,
+           "ACCUMULATE", ["DK", "DV"]),
 )
 
 
@@ -733,7 +739,8 @@ def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, at
             geo.row_blocks(meta["BLOCK_M"]), geo.num_segments, heads,
         )
         for span_filter in filters:
-            _launcher(_FWD[q.dtype == torch.float32])[grid](
+            launch_tuned(
+                _FWD[q.dtype == torch.float32], grid,
                 q, k, v, acc, lse, mask, q if counts is None else counts,
                 *q.stride(), *k.stride(), *v.stride(), *acc.stride(), *lse.stride(), *mask_strides,
                 *count_strides,
@@ -809,7 +816,8 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
             geo.row_blocks(meta["BLOCK_M"]), geo.num_segments, heads,
         )
         for span_filter in dq_filters:
-            _launcher(_DQ[q.dtype == torch.float32])[grid](
+            launch_tuned(
+                _DQ[q.dtype == torch.float32], grid,
                 q, k, v, grad_out, lse, delta, dq, mask, counts, *strides,
                 seq_k, seq_q, num_heads, launch.head_lo, launch.head_count, kv_group, geo.seg_len,
                 launch.rate, launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
@@ -823,7 +831,8 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
             triton.cdiv(geo.max_rows, meta["BLOCK_N"]), geo.num_segments, progs,
         )
         for span_filter in kv_filters:
-            _launcher(_DKDV[q.dtype == torch.float32])[kv_grid](
+            launch_tuned(
+                _DKDV[q.dtype == torch.float32], kv_grid,
                 q, k, v, grad_out, lse, delta, dk, dv, mask, counts, *strides,
                 seq_k, seq_q, num_heads, num_kv_heads, kv_lo, kv_count, num_offsets,
                 launch.head_lo, launch.head_count, kv_group, geo.seg_len, launch.rate,

@@ -1,0 +1,107 @@
+"""Kernel config selection: the shipped table of tuned configs, nearest-key lookup, the modes of
+DILATED_COMPILE_AUTOTUNE. (Which config runs never changes results; the GPU tests cover that.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from dilated_compile.ops._triton import block_sparse_attention, dilated_attention, tuning  # noqa: E402, F401
+
+
+def _config(m, n, warps, stages):
+    return {"kwargs": {"BLOCK_M": m, "BLOCK_N": n}, "num_warps": warps, "num_stages": stages}
+
+
+def test_every_kernel_is_registered_once_by_family_and_dtype():
+    names = set(tuning.REGISTRY)
+    assert {"dilated_fwd", "dilated_fwd_fp32", "dilated_bwd_dq", "dilated_bwd_dkdv"} <= names
+    assert {"block_sparse_fwd_bs128", "block_sparse_bwd_dkdv_bs64_fp32"} <= names
+    assert len({id(a) for a in tuning.REGISTRY.values()}) == len(names)
+
+
+def test_tuning_key_is_the_key_arguments_then_every_tensors_dtype():
+    autotuner = tuning.REGISTRY["dilated_bwd_dq"]
+    names = autotuner.arg_names
+    args = [torch.empty(1, dtype=torch.bfloat16) if n in ("Q", "K", "V") else 0 for n in names[:3]]
+    kwargs = {"rows_bucket": 2048, "HEAD_DIM": 64, "HEAD_DIM_V": 64, "IS_CAUSAL": True,
+              "HAS_MASK": False, "QUERY_TAIL": False, "ACCUMULATE": True, "Lse": torch.empty(1)}
+    key = tuning.tuning_key(autotuner, tuple(args), kwargs)
+    assert key == (2048, 64, 64, True, False, False, True,
+                   "torch.bfloat16", "torch.bfloat16", "torch.bfloat16", "torch.float32")
+    assert tuning.key_text(key) == json.dumps(list(key))
+
+
+def test_closest_key_prefers_equal_flags_then_nearest_sizes():
+    entries = {
+        json.dumps([2048, 64, 64, False, "torch.bfloat16"]): _config(128, 64, 4, 3),
+        json.dumps([512, 64, 64, False, "torch.bfloat16"]): _config(64, 64, 4, 3),
+        json.dumps([1024, 64, 64, True, "torch.bfloat16"]): _config(128, 32, 4, 4),
+    }
+    assert tuning._closest(entries, (2048, 64, 64, False, "torch.bfloat16")) == _config(128, 64, 4, 3)
+    assert tuning._closest(entries, (600, 64, 64, False, "torch.bfloat16")) == _config(64, 64, 4, 3)
+    # A causal key takes the causal entry even though its size is further off.
+    assert tuning._closest(entries, (4096, 64, 64, True, "torch.bfloat16")) == _config(128, 32, 4, 4)
+    assert tuning._closest(entries, (1, 2)) is None
+    assert tuning._closest({}, (2048,)) is None
+
+
+def test_select_uses_one_shipped_config_on_a_known_gpu(monkeypatch):
+    name = "dilated_fwd"
+    autotuner = tuning.REGISTRY[name]
+    chosen = _config(128, 128, 8, 3)
+    table = {name: {json.dumps([2048, 64, 64, False, False, False, False, "torch.bfloat16"]): chosen}}
+    monkeypatch.setattr(tuning, "_device_kernels", lambda index: table)
+    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "auto")
+    cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    kwargs = {"rows_bucket": 4096, "HEAD_DIM": 64, "HEAD_DIM_V": 64, "IS_CAUSAL": False,
+              "HAS_MASK": False, "QUERY_TAIL": False, "MERGE": True}
+    kernel = tuning.select(name, cuda, (torch.empty(1, dtype=torch.bfloat16),), kwargs)
+    assert kernel is not autotuner and len(kernel.configs) == 1
+    config = kernel.configs[0]
+    assert (config.kwargs, config.num_warps, config.num_stages) == (chosen["kwargs"], 8, 3)
+    assert kernel.fn is autotuner.fn and list(kernel.keys) == list(autotuner.keys)
+    # The same config gives the same kernel object (one compilation).
+    assert tuning.select(name, cuda, (torch.empty(1, dtype=torch.bfloat16),), kwargs) is kernel
+    # Autotuning forced on, or a GPU the table does not know: the autotuner itself.
+    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "1")
+    assert tuning.select(name, cuda, (torch.empty(1),), kwargs) is autotuner
+    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "auto")
+    monkeypatch.setattr(tuning, "_device_kernels", lambda index: {})
+    assert tuning.select(name, cuda, (torch.empty(1),), kwargs) is autotuner
+    assert tuning.select(name, torch.device("cpu"), (torch.empty(1),), kwargs) is autotuner
+
+
+def test_a_bad_mode_names_the_variable(monkeypatch):
+    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="DILATED_COMPILE_AUTOTUNE must be one of"):
+        tuning.autotune_mode()
+
+
+def test_the_shipped_table_names_registered_kernels_and_their_candidates():
+    """A stale table (a renamed kernel, a config no longer among the candidates) fails here."""
+    table = json.loads(tuning.TABLE_PATH.read_text())["devices"]
+    assert table, "the package ships tuned configs for at least one GPU"
+    for device, entry in table.items():
+        assert {"capability", "triton", "torch", "kernels"} <= entry.keys(), device
+        for kernel, keys in entry["kernels"].items():
+            assert kernel in tuning.REGISTRY, (device, kernel)
+            # Candidates as the kernel was built with every config (AUTOTUNE=0 keeps only one).
+            for key, config in keys.items():
+                assert len(json.loads(key)) >= len(tuning.REGISTRY[kernel].keys), (kernel, key)
+                assert set(config) == {"kwargs", "num_warps", "num_stages"}
+                assert set(config["kwargs"]) == {"BLOCK_M", "BLOCK_N"}
+
+
+def test_tune_needs_a_gpu_and_says_so():
+    result = subprocess.run([sys.executable, "-m", "dilated_compile.tune", "--out", "unused.json"],
+                            capture_output=True, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DILATED_COMPILE_AUTOTUNE": "auto"})
+    assert result.returncode == 2 and "CUDA" in result.stderr

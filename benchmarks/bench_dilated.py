@@ -357,10 +357,12 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "checks": checks, "results": results}, f, indent=1)
-    from dilated_compile.ops._triton import dilated_attention as kernels
-    for name in ("_FWD", "_DQ", "_DKDV"):
-        for key, config in getattr(kernels, name)[0].cache.items():
-            print(f"# tuned {name} {key}: {config}")
+    from dilated_compile.ops._triton.tuning import autotune_mode, tuned_entries
+    print(f"# configs: DILATED_COMPILE_AUTOTUNE={autotune_mode()} (auto: the shipped configs on a GPU "
+          "the table knows, else autotuned)")
+    for kernel, keys in tuned_entries().items():
+        for key, config in keys.items():
+            print(f"# autotuned {kernel} {key}: {config}")
     print()
     print(meta)
     print(table(results))

@@ -25,7 +25,7 @@ from .aot import aot_compile
 from .apply_specs import AppliedSpecs, apply, register_region
 from .block_sparse_annotation import block_sparse
 from .block_sparse_spec import BlockSparseSpec
-from .distributed import gather_sequence, sequence_parallel, shard_sequence
+from .distributed import gather_sequence, sequence_parallel, sequence_positions, shard_sequence
 from .backend import compile
 from .explain import ExplainReport, explain
 from .export import export
@@ -54,6 +54,7 @@ __all__ = [
     "ops",
     "register_region",
     "sequence_parallel",
+    "sequence_positions",
     "shard_sequence",
     "tensorrt",
     "to_onnx",

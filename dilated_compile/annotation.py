@@ -144,23 +144,38 @@ def annotated_sdpa(spec: Any, payload: str, arguments: dict[str, Any]) -> torch.
             return result
     check_sdpa_arguments(spec, arguments)
     family = family_of_spec(spec)
-    query, key, value = arguments["query"], arguments["key"], arguments["value"]
-    attn_mask = arguments["attn_mask"]
-    is_causal, scale = bool(arguments["is_causal"]), arguments["scale"]
     tensor = family.spec_tensor(spec)
     if torch.compiler.is_compiling():
-        # Disabled torch functions: an enclosing region must not re-annotate this call, so the
-        # innermost annotation wins, as it does in eager mode.
-        with torch._C.DisableTorchFunction():
-            sdpa_out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal,
-                scale=scale, enable_gqa=bool(arguments["enable_gqa"]),
-            )
-            return annotation_op(sdpa_out, payload, tensor)
+        return capture_annotated_sdpa(arguments, payload, tensor)
     out, _ = family.op(
-        query, key, value, *family.pattern_args(spec, tensor), is_causal, scale, attn_mask,
+        arguments["query"], arguments["key"], arguments["value"],
+        *family.pattern_args(spec, tensor), bool(arguments["is_causal"]), arguments["scale"],
+        arguments["attn_mask"],
     )
     return out
+
+
+def capture_annotated_sdpa(
+    arguments: dict[str, Any], payload: str, tensor: torch.Tensor | None, *,
+    mask_on_annotation: bool = False,
+) -> torch.Tensor:
+    """An annotated SDPA call as ``torch.compile``/``torch.export`` capture it: the plain SDPA
+    node and the ``annotation`` node that marks it (``dilated_compile.ops.annotation``).
+    ``mask_on_annotation``: the mask goes on the annotation node instead of the SDPA node (a
+    mask over keys the SDPA node does not hold, as inside ``sequence_parallel``)."""
+    attn_mask = arguments["attn_mask"]
+    # Disabled torch functions: an enclosing region must not re-annotate this call, so the
+    # innermost annotation wins, as it does in eager mode.
+    with torch._C.DisableTorchFunction():
+        sdpa_out = F.scaled_dot_product_attention(
+            arguments["query"], arguments["key"], arguments["value"],
+            attn_mask=None if mask_on_annotation else attn_mask, dropout_p=0.0,
+            is_causal=bool(arguments["is_causal"]), scale=arguments["scale"],
+            enable_gqa=bool(arguments["enable_gqa"]),
+        )
+        if mask_on_annotation and attn_mask is not None:
+            return annotation_op(sdpa_out, payload, tensor, attn_mask)
+        return annotation_op(sdpa_out, payload, tensor)
 
 
 class AttentionRegion(TorchFunctionMode):

@@ -6,9 +6,9 @@ graph, through export — is written once against this description, so a new fam
 itself instead of copying it.
 
 Every family's op takes ``(q, k, v, *pattern, is_causal, scale, attn_mask)`` and returns
-``(out, lse)``; ``pattern`` are the spec's fields as op arguments. A family may carry one tensor
-with its spec (a block-sparse layout): it travels beside the JSON payload as a graph input, never
-inside it.
+``(out, lse)`` (or ``out`` alone, ``returns_lse=False``); ``pattern`` are the spec's fields as op
+arguments. A family may carry one tensor with its spec (a block-sparse layout): it travels beside
+the JSON payload as a graph input, never inside it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class AttentionFamily:
         check: ``(spec, query, key) -> None``: raise for inputs the spec cannot serve (heads,
             lengths), naming the fix.
         region: its annotation class, ``region(spec)`` a fresh region (what ``apply`` opens).
+        returns_lse: whether ``op`` returns ``(out, lse)`` (else ``out`` alone).
+        user_spec: whether users hand this spec to modules and ``apply`` (listed in messages);
+            False for a spec the library builds itself (a sequence-parallel call's).
     """
 
     kind: str
@@ -49,7 +52,9 @@ class AttentionFamily:
     spec_tensor: Callable[[Any], torch.Tensor | None]
     from_json: Callable[[str, Any], Any]
     check: Callable[[Any, torch.Tensor, torch.Tensor], None]
-    region: type
+    region: Callable[[Any], Any]
+    returns_lse: bool = True
+    user_spec: bool = True
 
 
 _BY_KIND: dict[str, AttentionFamily] = {}
@@ -82,8 +87,9 @@ def family_of_payload(payload: str) -> AttentionFamily:
 
 
 def spec_type_names() -> list[str]:
-    """The registered families' spec class names, sorted (for messages)."""
-    return sorted(cls.__name__ for cls in _BY_SPEC)
+    """The spec class names of the registered families users write specs of, sorted (for
+    messages)."""
+    return sorted(cls.__name__ for cls, family in _BY_SPEC.items() if family.user_spec)
 
 
 def describe(spec: Any) -> str:

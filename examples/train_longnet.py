@@ -212,11 +212,8 @@ def plot(histories: dict, task: RecallTask, path: str, title: str) -> bool:
     return True
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sizes of the task, the model and the training (None: the size preset's value)."""
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--steps", type=int, help="training steps per model")
     parser.add_argument("--seq-len", type=int, help="sequence length N (a multiple of 16)")
@@ -228,6 +225,14 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float)
     parser.add_argument("--num-keys", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    add_task_arguments(parser)
     parser.add_argument("--out", default="train_longnet.png", help="where to save the plot")
     parser.add_argument(
         "--compile-backend",

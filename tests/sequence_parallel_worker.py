@@ -8,11 +8,13 @@ shards with the float64 ``dense_reference`` on the full sequence.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import math
 import os
 import socket
+import sys
 import time
 import traceback
 
@@ -59,7 +61,7 @@ def _entry(rank: int, world: int, port: int, name: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
     try:
-        result = globals()[name](rank, world)
+        result = _worker(name)(rank, world)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     except BaseException:
@@ -68,11 +70,26 @@ def _entry(rank: int, world: int, port: int, name: str, out_dir: str) -> None:
         raise
     finally:
         dist.destroy_process_group()
+    # Leave at once once the result is written: gloo's threads can abort the interpreter's own
+    # teardown ("terminate called without an active exception"), which would fail a finished run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _worker(name: str):
+    """The function ``name`` of this module, or ``"module:function"`` of another (importable from
+    tests/, which the spawned ranks inherit on sys.path)."""
+    if ":" not in name:
+        return globals()[name]
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def run_group(name: str, world: int, out_dir: str, timeout: float = 150.0) -> list:
-    """Run ``name(rank, world)`` on ``world`` spawned gloo ranks; their JSON results, by rank.
-    Fails (never hangs) when a rank raises or the group outlives ``timeout`` seconds."""
+    """Run ``name(rank, world)`` (see ``_worker``) on ``world`` spawned gloo ranks; their JSON
+    results, by rank (None for a rank that exited cleanly without one: ``os._exit(0)``). Fails
+    (never hangs) when a rank raises or the group outlives ``timeout`` seconds."""
     context = mp.start_processes(_entry, args=(world, free_port(), name, out_dir), nprocs=world,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
@@ -86,7 +103,11 @@ def run_group(name: str, world: int, out_dir: str, timeout: float = 150.0) -> li
                 process.kill()
     results = []
     for rank in range(world):
-        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+        path = os.path.join(out_dir, f"rank{rank}.json")
+        if not os.path.exists(path):
+            results.append(None)
+            continue
+        with open(path) as f:
             results.append(json.load(f))
     return results
 
@@ -97,7 +118,7 @@ def _supported(strategy: str, kind: str, spec, causal: bool, mask: bool, hq: int
     """Which strategy computes which call exactly (the contract the implementation must keep)."""
     block_sparse_kind = isinstance(spec, BlockSparseSpec)
     if strategy == "ring":
-        return kind == "dense"
+        return not isinstance(spec, DilatedSpec)
     if strategy == "all_gather":
         return not (block_sparse_kind and not causal)
     if strategy == "all_to_all":
@@ -108,10 +129,7 @@ def _supported(strategy: str, kind: str, spec, causal: bool, mask: bool, hq: int
                 return world == 1
             return (hq // world) % math.lcm(*spec.dilation_rates) == 0
         return True
-    # auto
-    if kind == "dense" or isinstance(spec, DilatedSpec):
-        return True
-    return causal or _supported("all_to_all", kind, spec, causal, mask, hq, world)
+    return True  # auto: dilated -> all_gather; block-sparse -> all_gather, all_to_all or ring
 
 
 def run_case(rank, world, *, strategy, kind, causal, n, layout, hq=4, hkv=4, mask=None,
@@ -173,12 +191,14 @@ def run_case(rank, world, *, strategy, kind, causal, n, layout, hq=4, hkv=4, mas
     return "ok"
 
 
-def _sweep(rank, world, cases) -> dict:
+def _sweep(rank, world, cases, case=None) -> dict:
+    """``case(rank, world, **c)`` (default: ``run_case``) for each ``c`` of ``cases``, by its JSON."""
+    case = case or run_case
     results = {}
-    for case in cases:
-        key = json.dumps(case, sort_keys=True)
+    for fields in cases:
+        key = json.dumps(fields, sort_keys=True)
         try:
-            results[key] = run_case(rank, world, **case)
+            results[key] = case(rank, world, **fields)
         except Exception as error:
             raise AssertionError(f"case {key} on rank {rank}: {error}") from error
     return results
@@ -339,8 +359,9 @@ def mismatches(rank, world):
 
 
 def compiled(rank, world):
-    """torch.compile(backend="dilated_compile"): the sequence-parallel call is a graph break (it
-    runs eagerly) and the result equals eager mode."""
+    """torch.compile(backend="dilated_compile"): the sequence-parallel call becomes the op
+    ``sequence_parallel_attention`` (tests/test_sequence_parallel_compile.py) and the result
+    equals eager mode."""
     spec = DilatedSpec((4, 8), (1, 2))
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 4, 13, 8, generator=gen, dtype=torch.float64) for _ in range(3))

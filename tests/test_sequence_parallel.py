@@ -32,10 +32,14 @@ def test_shard_gather_round_trip_and_gradient_and_traffic(run):
         "all_gather": [(w - 1) * kv_block, 0],  # its backward (a reduce-scatter) is not counted
         "all_to_all": [(w - 1) * c * b * (hq * d + hkv * (d + dv)) * s // w
                        + (w - 1) * c * b * hq * dv * s // w, 0],
-        "ring": [(w - 1) * kv_block, (w - 1) * kv_block + w * kv_block],
     }
-    for result in results:
-        assert result["traffic"] == expected
+    # Ring: only the rows that ranks ahead need (distributed/ring.py; causal, so rank 0, whose
+    # queries are [0, 3), needs no other chunk); (forward rows, backward gradient rows) per rank,
+    # checked against the formula for more patterns in test_sequence_parallel_ring.py.
+    row = b * hkv * (d + dv) * s
+    ring = [[f * row, (f + g) * row] for f, g in ((6, 6), (9, 3), (6, 9))]
+    for rank, result in enumerate(results):
+        assert result["traffic"] == {**expected, "ring": ring[rank]}
 
 
 def test_exact_two_ranks(run):
@@ -53,8 +57,8 @@ def test_exact_three_ranks_with_an_empty_rank(run):
 
 def test_exact_one_rank(run):
     results = run("exactness_w1", 1)[0]
-    # 36 cases; ring raises for the 8 with a pattern, all_gather for the 2 non-causal block-sparse.
-    assert sum(r == "ok" for r in results.values()) == 26
+    # 36 cases; ring raises for the 4 dilated, all_gather for the 2 non-causal block-sparse.
+    assert sum(r == "ok" for r in results.values()) == 30
 
 
 def test_mismatched_calls_raise_the_same_error_on_every_rank(run):
@@ -75,20 +79,13 @@ def test_compiled_equals_eager(run):
     assert run("compiled", 2) == ["ok", "ok"]
 
 
-def test_modules_with_position_embeddings_refuse_a_sharded_sequence():
-    """Their arange positions would be the shard's local ones: refused before any collective."""
-    import torch
-
-    from dilated_compile import DilatedSpec, sequence_parallel
-    from dilated_compile.nn import MultiheadDilatedAttention
-    from dilated_compile.nn.positions import RotaryEmbedding
-
-    attention = MultiheadDilatedAttention(
-        16, 2, spec=DilatedSpec((8,), (1,)), position_embedding=RotaryEmbedding(8), batch_first=True)
-    x = torch.randn(1, 8, 16)
-    with pytest.raises(NotImplementedError, match="global positions"), sequence_parallel():
-        attention(x, x, x)
-    attention(x, x, x)  # outside the context: as before
+def test_modules_with_position_embeddings_use_global_positions(run):
+    """MultiheadDilatedAttention with rotary or xPos positions inside sequence_parallel rotates
+    each rank's rows by their global positions: outputs, input and parameter gradients equal the
+    single-process module on the whole sequence; so do LongNetLM and LongNet (three ranks and
+    the refusals: tests/test_sequence_parallel_modules.py)."""
+    results = run("sequence_parallel_modules_worker:modules_w2", 2)
+    assert results[0] == results[1] and set(results[0].values()) == {"ok"} and len(results[0]) == 9
 
 
 def test_all_to_all_reuses_a_ranks_layout_across_calls():

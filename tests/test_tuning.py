@@ -73,6 +73,9 @@ def test_select_uses_one_shipped_config_on_a_known_gpu(monkeypatch):
     # Autotuning forced on, or a GPU the table does not know: the autotuner itself.
     monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "1")
     assert tuning.select(name, cuda, (torch.empty(1),), kwargs) is autotuner
+    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "0")
+    first = tuning.select(name, cuda, (torch.empty(1),), kwargs)
+    assert len(first.configs) == 1 and first.configs[0].kwargs == autotuner.configs[0].kwargs
     monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "auto")
     monkeypatch.setattr(tuning, "_device_kernels", lambda index: {})
     assert tuning.select(name, cuda, (torch.empty(1),), kwargs) is autotuner
@@ -101,7 +104,7 @@ def test_the_shipped_table_names_registered_kernels_and_their_candidates():
 
 
 def test_tune_needs_a_gpu_and_says_so():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DILATED_COMPILE_AUTOTUNE": "auto"}
     result = subprocess.run([sys.executable, "-m", "dilated_compile.tune", "--out", "unused.json"],
-                            capture_output=True, text=True,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DILATED_COMPILE_AUTOTUNE": "auto"})
+                            capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "CUDA" in result.stderr

@@ -1,29 +1,30 @@
 """The ``"all_gather"`` strategy: gather the keys and values, attend the local queries.
 
-Every rank all-gathers K and V (one collective, K and V side by side) and computes its own
-query rows with the pattern's op on a key window of the global sequence:
+Dilated attention exchanges only the key/value rows a rank's queries attend (LongNet's sparse
+all-gather, ``sparse_all_gather``). Dense and block-sparse attention all-gather K and V (one
+collective, K and V side by side) and compute each rank's query rows with the pattern's op on a
+key window of the global sequence:
 
-- causal (every family): the rows ``[qa, qb)`` are the last rows of the prefix ``[0, qb)``;
-  segments and blocks start at 0 in both, and a causal row's random blocks are drawn from the
-  blocks up to its own, so the op on the prefix gives exactly the global rows;
-- non-causal dense: every key;
-- non-causal dilated: the window of ``plan.dilated_window`` with the queries padded by zero rows
-  up to its end (their outputs dropped: they get no gradient and give none).
+- causal: the rows ``[qa, qb)`` are the last rows of the prefix ``[0, qb)``; blocks start at 0
+  in both, and a causal row's random blocks are drawn from the blocks up to its own, so the op
+  on the prefix gives exactly the global rows;
+- non-causal dense: every key.
 
 Non-causal block-sparse raises: random blocks are drawn from all blocks of the sequence and the
 global rows see every key, so use ``strategy="all_to_all"``.
 
-Per-rank traffic (bytes): received ``(W - 1) * c * B * Hkv * (D + Dv) * itemsize`` forward
-(``c`` = positions per rank, padded: ``ceil(N/W)``, zigzag ``2 * ceil(N/2W)``), the same in the
-backward's reduce-scatter.
+Per-rank traffic (bytes), dense and block-sparse: received ``(W - 1) * c * B * Hkv * (D + Dv) *
+itemsize`` forward (``c`` = positions per rank, padded: ``ceil(N/W)``, zigzag ``2 *
+ceil(N/2W)``), the same in the backward's reduce-scatter. Dilated: see ``sparse_all_gather``
+(it does not grow with ``N`` for fixed configs).
 """
-
 from __future__ import annotations
 
 import torch
 
 from .collectives import all_gather_sequence, pad_dim
-from .plan import Plan, dilated_window, pattern_attention
+from .plan import Plan, pattern_attention
+from .sparse_all_gather import sparse_all_gather_attention
 
 
 def check_all_gather(plan: Plan) -> None:
@@ -32,7 +33,7 @@ def check_all_gather(plan: Plan) -> None:
             "sequence_parallel(strategy='all_gather') computes block-sparse attention only when "
             "causal: non-causal random blocks are drawn from all blocks of the sequence and global "
             "rows see every key, so no key window gives a rank's rows exactly; use "
-            "strategy='all_to_all' (or 'auto')"
+            "strategy='all_to_all' or 'ring' (or 'auto')"
         )
 
 
@@ -49,6 +50,8 @@ def all_gather_attention(
     ``[B, Hkv, n_r, Dv]``, attn_mask ``[B or 1, Hq or 1, n_r or 1, N]`` or None -> ``[B, Hq, n_r,
     Dv]``."""
     check_all_gather(plan)
+    if plan.kind == "dilated":
+        return sparse_all_gather_attention(plan, q, k, v, attn_mask)
     d = k.shape[-1]
     kv = all_gather_sequence(torch.cat([k, v], dim=-1), plan.group, plan.n, plan.world,
                              plan.layout, plan.rank, 2)
@@ -60,12 +63,7 @@ def all_gather_attention(
             continue
         qc, mc = q.narrow(2, row, rows), _mask_rows(attn_mask, row, rows)
         row += rows
-        if plan.is_causal:
-            start, end = 0, qb
-        elif plan.kind == "dense":
-            start, end = 0, plan.n
-        else:
-            start, end = dilated_window(plan.spec, plan.n, qa, qb)
+        start, end = (0, qb) if plan.is_causal else (0, plan.n)
         if plan.kind == "dense" and not plan.is_causal:
             padded = qc  # dense non-causal rows do not depend on their positions
         else:

@@ -26,19 +26,26 @@ from .collectives import all_to_all_rows, assemble, pack_ranges, unpack_ranges
 from .plan import Plan, block_layout_tensor, pattern_attention
 
 
+def _others(plan: Plan) -> str:
+    """The other strategies that compute ``plan``'s call exactly, for error messages."""
+    if plan.kind == "dilated":
+        return "strategy='all_gather'"
+    if plan.kind == "block_sparse" and not plan.is_causal:
+        return "strategy='ring'"
+    return "strategy='all_gather' or 'ring'"
+
+
 def check_all_to_all(plan: Plan, q_heads: int, has_mask: bool) -> None:
     """ValueError naming the reason and the strategies to use, when this call is not exact."""
     w = plan.world
     if has_mask:
         raise ValueError(
-            "sequence_parallel(strategy='all_to_all') does not take attn_mask; use "
-            "strategy='all_gather' (or 'ring' for dense attention)"
+            f"sequence_parallel(strategy='all_to_all') does not take attn_mask; use {_others(plan)}"
         )
     if q_heads % w:
         raise ValueError(
             f"sequence_parallel(strategy='all_to_all') splits the {q_heads} query heads over "
-            f"{w} ranks: they must be a multiple of {w}; use strategy='all_gather'"
-            + (" or 'ring'" if plan.kind == "dense" else "")
+            f"{w} ranks: they must be a multiple of {w}; use {_others(plan)}"
         )
     if plan.kind == "dilated" and w > 1:
         spec = plan.spec

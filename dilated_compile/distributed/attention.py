@@ -7,9 +7,9 @@
 - block-sparse: causal ``"all_gather"``, non-causal ``"all_to_all"``.
 
 When ``"auto"``'s first choice cannot serve the call (``"all_to_all"`` with a mask, heads not
-divisible by the ranks, dilation offsets that differ per rank), the other exact strategy
-serves it (``"all_gather"``, or ``"ring"`` for dense) if there is one, else the first's error
-is raised.
+divisible by the ranks, dilation offsets that differ per rank), the next exact strategy serves
+it: ``"all_gather"`` for dilated, ``"ring"`` for non-causal block-sparse (which ``"all_gather"``
+cannot compute); else the first's error is raised.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def choose_strategy(requested: str, plan: Plan, q_heads: int, has_mask: bool) ->
     elif plan.kind == "dilated":
         order = ("all_gather", "all_to_all")
     else:
-        order = ("all_gather", "all_to_all") if plan.is_causal else ("all_to_all",)
+        order = ("all_gather", "all_to_all", "ring") if plan.is_causal else ("all_to_all", "ring")
     first_error = None
     for strategy in order:
         try:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 from torch._dynamo.utils import counters
 
+from .errors import named_collective, settle
 from .layout import chunk_ranges, chunk_size, global_order
 
 
@@ -62,18 +63,28 @@ def assemble(blocks: list[torch.Tensor], n: int, world: int, layout: str, dim: i
     return torch.cat(pieces, dim=dim)
 
 
+def _all_gather_autograd(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """The differentiable functional all-gather along ``dim``: ``all_gather_single_autograd`` in
+    torch 2.13, which deprecates ``all_gather_tensor_autograd``, its only name in torch 2.11."""
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    return gather(x, dim, group)
+
+
 def all_gather_sequence(
-    x: torch.Tensor, group: dist.ProcessGroup, n: int, world: int, layout: str, rank: int, dim: int
+    x: torch.Tensor, group: dist.ProcessGroup, n: int, world: int, layout: str, rank: int, dim: int,
+    *, what: str = "sequence_parallel: the all-gather of keys and values (strategy 'all_gather')",
 ) -> torch.Tensor:
     """The global tensor (``n`` along ``dim``) from every rank's shard; differentiable: each rank
-    gets the sum over ranks of the gradients of its positions (a reduce-scatter)."""
+    gets the sum over ranks of the gradients of its positions (a reduce-scatter). ``what`` names
+    the collective in the error raised when it fails (``errors.named_collective``)."""
     dim = dim % x.dim()
     packed = pack_ranges(x, n, world, layout, rank, dim).contiguous()
     if world == 1:
         return unpack_ranges(packed, n, world, layout, rank, dim)
     count_received("all_gather", (world - 1) * packed.numel() * packed.element_size())
-    # An AsyncCollectiveTensor: the first use waits for it.
-    gathered = fc.all_gather_single_autograd(packed, dim, group)
+    with named_collective(what, group):
+        # Waited for here, not at its first use, so that a failure is raised under its name.
+        gathered = settle(_all_gather_autograd(packed, dim, group))
     blocks = list(torch.chunk(gathered, world, dim=dim))
     return assemble(blocks, n, world, layout, dim)
 
@@ -84,4 +95,5 @@ def all_to_all_rows(x: torch.Tensor, group: dist.ProcessGroup, world: int) -> to
     if world == 1:
         return x
     count_received("all_to_all", (world - 1) * x[0].numel() * x.element_size())
-    return fc.all_to_all_single_autograd(x.contiguous(), None, None, group)
+    with named_collective("sequence_parallel: the all-to-all of the shards (strategy 'all_to_all')", group):
+        return settle(fc.all_to_all_single_autograd(x.contiguous(), None, None, group))

@@ -10,15 +10,24 @@ Two routes reach ``sequence_parallel_attention``, one per nesting order:
   over through the annotation's call hook (``annotation.SDPA_CALL_HOOKS``), which this module
   registers while a context is open.
 
-Under ``torch.compile`` the call runs eagerly: ``sequence_parallel_attention`` is excluded from
-Dynamo (``torch._dynamo.disable``), a graph break; the graphs around it compile as usual and the
-results equal eager mode.
+In eager mode either route calls ``sequence_parallel_attention`` at once. Under ``torch.compile``
+(and ``torch.export``) Dynamo traces the context, entered outside the compiled function or inside
+it, and the call is captured like any annotated SDPA call: the plain SDPA node and an
+``annotation`` node whose payload is a ``SequenceParallelCall`` (the pattern, layout, strategy
+and the group's name; ``call.py``). The ``"dilated_compile"`` backend's rewrite pass turns the
+pair into ``torch.ops.dilated_compile.sequence_parallel_attention``, an opaque op whose body is
+``sequence_parallel_attention`` (``ops/sequence_parallel_attention.py`` says why it is opaque,
+and that its backward recomputes the forward): no graph break, the same numbers as eager mode.
+Another backend leaves the annotation unrewritten, and it raises when the graph runs, as
+``dilated(...)``'s does. The context registers the family (``"sequence_parallel"``) with the
+rewrite pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -26,8 +35,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .. import annotation
-from ..annotation import AttentionRegion, bind_sdpa_arguments
-from .attention import STRATEGIES, sequence_parallel_attention
+from ..annotation import AttentionRegion, bind_sdpa_arguments, capture_annotated_sdpa
+from ..attention_family import AttentionFamily, family_of_spec, register_family
+from ..ops import sequence_parallel_attention_op
+from .attention import STRATEGIES, _check_local_call, sequence_parallel_attention
+from .call import KIND, SequenceParallelCall
 from .group import resolve_group
 from .layout import check_layout
 
@@ -42,16 +54,27 @@ def sequence_parallel_is_open() -> bool:
     return bool(_OPEN)
 
 
-@torch._dynamo.disable
-def _run(spec: Any, arguments: dict[str, Any], context: sequence_parallel) -> torch.Tensor:
-    return sequence_parallel_attention(spec, arguments, context)
+def _attend(spec: Any, arguments: dict[str, Any], context: sequence_parallel) -> torch.Tensor:
+    """One SDPA call (``arguments``, by name) of ``spec``'s pattern (None: dense) inside
+    ``context``: computed at once in eager mode, captured annotated under Dynamo."""
+    if not torch.compiler.is_compiling():
+        return sequence_parallel_attention(spec, arguments, context)
+    # What each rank checks of its own call, at capture: the errors eager mode gives, raised
+    # while tracing on the ranks whose call is invalid. The checks that need the other ranks
+    # (they compare the calls and learn N) run in the op, where every rank raises alike.
+    _check_local_call(spec, arguments)
+    # resolve_group, not the process_group property: Dynamo cannot read properties of a mode.
+    call = SequenceParallelCall(spec, context.layout, context.strategy,
+                                resolve_group(context.group).group_name)
+    return capture_annotated_sdpa(arguments, call.to_json(), call.pattern_tensor(),
+                                  mask_on_annotation=True)
 
 
 def _region_hook(spec: Any, arguments: dict[str, Any]) -> torch.Tensor | None:
     """The annotation's call hook: a region's SDPA call inside an open context."""
     if not _OPEN:
         return None
-    return _run(spec, arguments, _OPEN[-1])
+    return _attend(spec, arguments, _OPEN[-1])
 
 
 def _enclosing_spec() -> Any:
@@ -76,7 +99,7 @@ class sequence_parallel(TorchFunctionMode):
         layout: which positions each rank holds: ``"contiguous"`` (rank ``r``: chunk ``r`` of
             ``ceil(N / W)``) or ``"zigzag"`` (chunks ``r`` and ``2W-1-r`` of ``ceil(N / 2W)``);
             see ``shard_sequence``. Any ``N`` works (the last ranks may hold fewer positions).
-        strategy: ``"all_gather"``, ``"all_to_all"``, ``"ring"`` (dense only) or ``"auto"``
+        strategy: ``"all_gather"``, ``"all_to_all"``, ``"ring"`` (not dilated) or ``"auto"``
             (dense -> ring, dilated -> all_gather, block-sparse causal -> all_gather and
             non-causal -> all_to_all); see docs/sequence_parallel.md.
 
@@ -87,7 +110,10 @@ class sequence_parallel(TorchFunctionMode):
     of the single-device attention of the gathered sequence. Every rank must make the same call;
     the first call of each shape class checks that (one small all-gather) and raises the same
     ValueError on every rank, naming the field that differs. Calls that cannot be computed
-    exactly raise ValueError naming the strategy that can.
+    exactly raise ValueError naming the strategy that can. Under
+    ``torch.compile(backend="dilated_compile")`` a call is one op of the graph,
+    ``torch.ops.dilated_compile.sequence_parallel_attention``, with no graph break, whether the
+    context is entered outside the compiled function or inside it.
 
     Example (``torchrun --nproc-per-node 2 script.py``)::
 
@@ -139,7 +165,7 @@ class sequence_parallel(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return _run(_enclosing_spec(), bind_sdpa_arguments(args, kwargs), self)
+            return _attend(_enclosing_spec(), bind_sdpa_arguments(args, kwargs), self)
         return func(*args, **kwargs)
 
     def __call__(self, fn: _F) -> _F:
@@ -154,3 +180,31 @@ class sequence_parallel(TorchFunctionMode):
                 return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _call_region(call: SequenceParallelCall) -> Iterator[None]:
+    """The regions that make SDPA compute ``call``: the context and the pattern's region."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sequence_parallel(call.process_group, layout=call.layout,
+                                              strategy=call.strategy))
+        if call.pattern is not None:
+            stack.enter_context(family_of_spec(call.pattern).region(call.pattern))
+        yield
+
+
+register_family(AttentionFamily(
+    kind=KIND,
+    region_name="sequence_parallel",
+    spec_type=SequenceParallelCall,
+    op=sequence_parallel_attention_op,
+    op_name="dilated_compile.sequence_parallel_attention",
+    pattern_args=SequenceParallelCall.op_args,
+    spec_tensor=SequenceParallelCall.pattern_tensor,
+    from_json=SequenceParallelCall.from_json,
+    # The shapes a pattern can serve depend on N, which only the op learns (from every rank).
+    check=lambda call, query, key: None,
+    region=_call_region,
+    returns_lse=False,
+    user_spec=False,
+))

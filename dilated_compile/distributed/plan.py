@@ -4,7 +4,6 @@ and the pattern's op for any key window (``dense`` is the dilated op with one se
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -53,23 +52,6 @@ def pattern_attention(spec, q, k, v, is_causal: bool, scale, attn_mask) -> tuple
     family = family_of_spec(spec)
     return family.op(q, k, v, *family.pattern_args(spec, family.spec_tensor(spec)), is_causal, scale,
                      attn_mask)
-
-
-def dilated_window(spec: DilatedSpec, n: int, qa: int, qb: int) -> tuple[int, int]:
-    """The key window ``[S, E)`` that computes the non-causal dilated rows ``[qa, qb)`` exactly
-    when the queries are padded to ``[qa, E)`` (the op's queries are its keys' last positions).
-
-    With capped lengths ``w'_i = min(w_i, n)``: ``S`` is the last multiple of ``lcm(w'_i)`` at or
-    before ``qa``, so every config's segments start at ``S`` in the window as in the sequence
-    (and local indices, hence dilation offsets, agree); ``E = max_i min(ceil(qb / w'_i) * w'_i,
-    n)`` ends every segment a query of ``[qa, qb)`` lies in. A segment the window cuts short
-    (``E - S < w'_i``) is the sequence's last, ``[S, n)``, so the op's own cap ``min(w_i, E - S)``
-    cuts it where the sequence does."""
-    widths = [min(w, n) for w in spec.segment_lengths]
-    period = math.lcm(*widths)
-    start = qa // period * period
-    end = max(min(-(-qb // w) * w, n) for w in widths)
-    return start, end
 
 
 def block_layout_tensor(spec: BlockSparseSpec, num_heads: int, n: int, is_causal: bool,

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import all_gather_sequence
+from .errors import named_collective
 from .group import rank_and_size, resolve_group
 from .layout import chunk_ranges, check_layout, local_length
 
@@ -43,13 +44,18 @@ def shard_sequence(
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
-def gathered_length(local: int, group: dist.ProcessGroup, layout: str, device: Any = "cpu") -> int:
+def gathered_length(
+    local: int, group: dist.ProcessGroup, layout: str, device: Any = "cpu", *,
+    caller: str = "gather_sequence",
+) -> int:
     """The global length from every rank's local length (one small all-gather); ValueError, the
-    same on every rank, when the lengths are not a ``layout`` sharding of their sum."""
+    same on every rank, when the lengths are not a ``layout`` sharding of their sum. ``caller``
+    names the function in the error raised when the all-gather fails."""
     rank, world = rank_and_size(group)
     mine = torch.tensor([local], dtype=torch.int64, device=device)
     lengths = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(lengths, mine, group=group)
+    with named_collective(f"{caller}: the all-gather of the ranks' local lengths", group):
+        dist.all_gather(lengths, mine, group=group)
     per_rank = [int(t.item()) for t in lengths]
     check_lengths(per_rank, layout)
     return sum(per_rank)
@@ -107,4 +113,5 @@ def gather_sequence(
             f"the {layout!r} layout of n={n} over {world} ranks gives it "
             f"{local_length(n, world, layout, rank)}"
         )
-    return all_gather_sequence(x, pg, n, world, layout, rank, dim)
+    return all_gather_sequence(x, pg, n, world, layout, rank, dim,
+                               what="gather_sequence: the all-gather of the shards")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import named_collective
 from .group import rank_and_size
 from .shard import check_lengths
 
@@ -78,7 +79,9 @@ def check_signature(
     values = [0] * _NUM_FIELDS if fields is None else list(fields.values())
     mine = torch.tensor([int(local_error is not None), *values], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
+    with named_collective("sequence_parallel: the signature check (an all-gather of every rank's "
+                          "call signature, before each attention call)", group):
+        dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).cpu()  # [W, 1 + fields]
     cache_key = (id(group), key, tuple(table.flatten().tolist()))
     if cache_key in _CHECKED:

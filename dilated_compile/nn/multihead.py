@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed.context import sequence_parallel_is_open
+from ..distributed.positions import context_positions
 from ..spec import DilatedSpec
 from ._checks import (
     check_attention_dropout,
@@ -51,7 +52,10 @@ class MultiheadDilatedAttention(nn.Module):
         device, dtype: of the parameters.
         layer_norm_eps: epsilon of the Sub-LN.
         position_embedding: optional module ``(q, k, positions) -> (q, k)`` applied to the
-            ``[B, H, N, D]`` heads (``RotaryEmbedding``, ``XPos``).
+            ``[B, H, N, D]`` heads (``RotaryEmbedding``, ``XPos``). Inside
+            ``sequence_parallel(...)`` the inputs are this rank's shard of the sequence and the
+            positions its global ones (``sequence_positions``); the masks and ``forward_cached``
+            raise there.
         spec: the pattern as a spec, instead of ``segment_lengths``/``dilation_rates``/``mode``
             (exactly one of the two ways; ``TypeError`` otherwise): a ``DilatedSpec``, or a
             ``BlockSparseSpec`` for block-sparse attention (BigBird / Longformer blocks). An
@@ -247,22 +251,24 @@ class MultiheadDilatedAttention(nn.Module):
         self, query: Tensor, key: Tensor, value: Tensor, start: int = 0
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``[B, N, E]`` inputs -> the heads ``[B, H, N, D]``, ``[B, Hkv, N, D]`` x 2, positions
-        ``start .. start + N - 1`` applied."""
+        ``start .. start + N - 1`` applied; inside ``sequence_parallel`` the rows are this rank's
+        shard and get its global positions (``sequence_positions``: one small all-gather, so
+        every rank must call it), and ``start`` must be 0."""
         batch, seq_len, _ = query.shape
         q = self.q_proj(query).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.position_embedding is not None:
-            if sequence_parallel_is_open():
-                # The rows are one rank's shard: arange would give them the shard's local
-                # positions, silently wrong for every rank but the first.
-                raise NotImplementedError(
-                    f"{type(self).__name__}: a position embedding ({type(self.position_embedding).__name__}) "
-                    "inside sequence_parallel(...) is not supported yet (it would need the shard's "
-                    "global positions). Apply positions outside the module (position_embedding=None) "
-                    "or run the module without sequence_parallel."
+            # Inside sequence_parallel the rows are one rank's shard: arange would give them the
+            # shard's local positions, wrong for every rank but the first.
+            positions = context_positions(seq_len, device=query.device)
+            if positions is None:
+                positions = torch.arange(start, start + seq_len, device=query.device)
+            elif start != 0:
+                raise ValueError(
+                    f"{_NAME}.project: start={start} inside sequence_parallel(...): the rows are a "
+                    "shard of one sequence and get its global positions; pass start=0"
                 )
-            positions = torch.arange(start, start + seq_len, device=query.device)
             q, k = self.position_embedding(q, k, positions)
         return q, k, v
 
@@ -320,6 +326,16 @@ class MultiheadDilatedAttention(nn.Module):
                 )
         if query.shape[2] != self.embed_dim:
             raise ValueError(f"{_NAME}: query must have embed_dim {self.embed_dim}, got {tuple(query.shape)}")
+        if sequence_parallel_is_open() and (key_padding_mask is not None or attn_mask is not None):
+            # The masks index the shard's local positions, and sequence-parallel attention takes
+            # a mask of every key of the sequence (with is_causal, none at all).
+            raise NotImplementedError(
+                f"{_NAME}: key_padding_mask and attn_mask are not supported inside "
+                "sequence_parallel(...) (they index this rank's local positions); call "
+                "F.scaled_dot_product_attention inside the context with attn_mask = this rank's rows "
+                "against every key, [B or 1, H or 1, local length or 1, N] "
+                "(docs/sequence_parallel.md), or run the module without sequence_parallel"
+            )
 
         mask = _combine_masks(
             self._key_padding_view(key_padding_mask, batch, seq_len),
@@ -389,6 +405,14 @@ class MultiheadDilatedAttention(nn.Module):
         """
         check_bounded_decoding(f"{_NAME}.forward_cached", self.spec)
         check_attention_dropout(_NAME, "dropout", self.dropout, self.training)
+        if sequence_parallel_is_open():
+            raise NotImplementedError(
+                f"{_NAME}.forward_cached: decoding with a KV cache inside sequence_parallel(...) is "
+                "not supported: sequence-parallel attention is self-attention over one sharded "
+                "sequence, while the cache holds keys of earlier calls and positions from its own "
+                "count. Decode outside the context (gather_sequence the prompt first), or call "
+                "forward on the whole sharded sequence"
+            )
         if x.dim() != 3 or x.shape[2] != self.embed_dim:
             raise ValueError(
                 f"{_NAME}.forward_cached: x must be [B, T, {self.embed_dim}], got {tuple(x.shape)}"

@@ -1,10 +1,11 @@
 """Rewrite annotated SDPA calls into the ops of their attention families.
 
 Finds ``annotation(scaled_dot_product_attention(q, k, v, ...), payload, pattern)`` pairs (what
-``dilated(...)`` and ``block_sparse(...)`` leave in a captured graph) and replaces each pair with
-the family's op, e.g. ``dilated_attention(q, k, v, ...)[0]``; the payload's ``"kind"`` picks the
-family (``attention_family``), and ``pattern`` (a block-sparse layout) becomes the op's tensor
-input. SDPA calls without an annotation are left alone. Works on Dynamo graphs
+``dilated(...)``, ``block_sparse(...)`` and ``sequence_parallel(...)`` leave in a captured graph)
+and replaces each pair with the family's op, e.g. ``dilated_attention(q, k, v, ...)[0]``; the
+payload's ``"kind"`` picks the family (``attention_family``), ``pattern`` (a block-sparse layout)
+becomes the op's tensor input, and a mask on the annotation (``sequence_parallel``'s) the op's
+``attn_mask``. SDPA calls without an annotation are left alone. Works on Dynamo graphs
 (``F.scaled_dot_product_attention`` targets) and on aten-level graphs
 (``aten.scaled_dot_product_attention``, as in ``torch.export``). Running it twice changes nothing.
 
@@ -84,11 +85,13 @@ def _check(sdpa: torch.fx.Node, spec: Any, arguments: dict[str, Any]) -> None:
             )
 
 
-def _annotation_arguments(node: torch.fx.Node) -> tuple[Any, str, Any]:
-    """``(sdpa node, payload, pattern node or None)`` of an annotation node."""
+def _annotation_arguments(node: torch.fx.Node) -> tuple[Any, str, Any, Any]:
+    """``(sdpa node, payload, pattern node or None, attn_mask node or None)`` of an annotation
+    node."""
     sdpa, payload, *rest = node.args
     pattern = rest[0] if rest else node.kwargs.get("pattern")
-    return sdpa, payload, pattern
+    attn_mask = rest[1] if len(rest) > 1 else node.kwargs.get("attn_mask")
+    return sdpa, payload, pattern, attn_mask
 
 
 def _example(node: Any) -> Any:
@@ -105,7 +108,7 @@ def rewrite_annotated_sdpa(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not annotation_op:
             continue
-        sdpa, payload, pattern = _annotation_arguments(node)
+        sdpa, payload, pattern, annotation_mask = _annotation_arguments(node)
         family = family_of_payload(payload)
         spec = family.from_json(payload, _example(pattern))
         if not (isinstance(sdpa, torch.fx.Node) and sdpa.op == "call_function"
@@ -115,6 +118,13 @@ def rewrite_annotated_sdpa(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 "scaled_dot_product_attention call; only SDPA calls can be annotated"
             )
         arguments = bind_sdpa_arguments(sdpa.args, sdpa.kwargs)
+        if annotation_mask is not None:  # a mask the SDPA node could not hold (sequence_parallel)
+            if arguments["attn_mask"] is not None:
+                raise ValueError(
+                    f"annotation node {node.name} and the SDPA call it marks ({sdpa.name}) both "
+                    "hold an attn_mask; only one of them may"
+                )
+            arguments["attn_mask"] = annotation_mask
         _check(sdpa, spec, arguments)
         op_args = (arguments["query"], arguments["key"], arguments["value"],
                    *family.pattern_args(spec, pattern),
@@ -123,7 +133,9 @@ def rewrite_annotated_sdpa(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             op_args += (arguments["attn_mask"],)
         with graph.inserting_before(node):
             op_node = graph.call_function(family.op, op_args)
-            out_node = graph.call_function(operator.getitem, (op_node, 0))
+            out_node = op_node
+            if family.returns_lse:
+                out_node = graph.call_function(operator.getitem, (op_node, 0))
         _copy_meta(sdpa, op_node, out_node)
         node.replace_all_uses_with(out_node)
         graph.erase_node(node)
@@ -140,6 +152,9 @@ def rewrite_annotated_sdpa(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def _copy_meta(sdpa: torch.fx.Node, op_node: torch.fx.Node, out_node: torch.fx.Node) -> None:
     """Keep source locations and module stacks; give the new nodes example values."""
+    if op_node is out_node:  # an op that returns the output alone
+        op_node.meta.update(sdpa.meta)
+        return
     for key, value in sdpa.meta.items():
         if key not in ("val", "example_value", "tensor_meta"):
             op_node.meta[key] = value

@@ -14,7 +14,7 @@ segment), 20-90 s per class at long sequences. Three things keep a first call fa
    installed Triton has it): the timings are stored under ``TRITON_CACHE_DIR``, keyed on the
    Triton version, the GPU target, the kernel source, the candidates and the tuning key, so a
    shape class is tuned once per machine.
-3. ``DILATED_COMPILE_AUTOTUNE`` (read at import): ``auto`` (the default) as above; ``1`` always
+3. ``DILATED_COMPILE_AUTOTUNE`` (read at each launch): ``auto`` (the default) as above; ``1`` always
    autotunes (the shipped table is ignored: re-tuning); ``0`` launches each kernel's first
    candidate, never tuning (tests, debugging). ``DILATED_COMPILE_TUNED_CONFIGS=<path>`` reads
    another table (one written by ``python -m dilated_compile.tune --out <path>``).
@@ -144,12 +144,16 @@ def _one_config(name: str, config_text: str):
 
 
 def select(name: str, device: torch.device, args: tuple, kwargs: dict):
-    """The kernel a launch of ``REGISTRY[name]`` on ``device`` with ``args``/``kwargs`` uses: a
-    one-config kernel with the shipped config when the table has one for this GPU (and
-    autotuning is ``auto``), else the autotuner itself."""
+    """The kernel a launch of ``REGISTRY[name]`` on ``device`` with ``args``/``kwargs`` uses:
+    ``auto``: a one-config kernel with the shipped config when the table has one for this GPU,
+    else the autotuner; ``1``: the autotuner; ``0``: a one-config kernel with the first
+    candidate. (Off CUDA — the interpreter — the kernel as built.)"""
     autotuner = REGISTRY[name]
-    if device.type != "cuda" or autotune_mode() != "auto":
+    mode = autotune_mode()
+    if device.type != "cuda" or mode == "1":
         return autotuner
+    if mode == "0":
+        return _one_config(name, json.dumps(config_fields(autotuner.configs[0]), sort_keys=True))
     entries = _device_kernels(device.index if device.index is not None else torch.cuda.current_device())
     entry = _closest(entries.get(name, {}), tuning_key(autotuner, args, kwargs))
     if entry is None:

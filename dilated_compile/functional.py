@@ -47,6 +47,10 @@ def dilated_attention(
         ``[B, Hq, Nq, Dv]`` in ``query.dtype``. Rows that attend no key (every config dilates
         a head's row away, or the mask removes every kept key) are 0.
 
+    Inside ``sequence_parallel(...)`` the tensors are this rank's shards and the result is this
+    rank's rows of the whole sequence's attention, as SDPA inside ``dilated(spec)`` computes it
+    there (``attn_mask``: this rank's rows against every key).
+
     Example::
 
         >>> spec = DilatedSpec(segment_lengths=(32, 64), dilation_rates=(1, 2))
@@ -60,6 +64,16 @@ def dilated_attention(
     """
     if not isinstance(spec, DilatedSpec):
         raise TypeError(f"spec must be a DilatedSpec, got {type(spec).__name__}: {spec!r}")
+    from .distributed.context import sequence_parallel_is_open
+
+    if sequence_parallel_is_open():
+        # The tensors are this rank's shards: the whole sequence's attention, as annotated SDPA.
+        from .annotation import dilated
+
+        with dilated(spec):
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                enable_gqa=enable_gqa)
     check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
     check_attn_mask(attn_mask, query, key)
     check_sdpa_mask_and_causal(attn_mask, is_causal)

@@ -16,8 +16,11 @@ from sequence_parallel_worker import _raised
 from sequence_parallel_worker import _sweep as sweep
 
 from dilated_compile import (
-    BlockSparseSpec, DilatedSpec, sequence_parallel, sequence_positions, shard_sequence,
+    BlockSparseSpec, DilatedSpec, dilated_attention, sequence_parallel, sequence_positions, shard_sequence,
 )
+from dilated_compile.nn.attention import attend
+from dilated_compile.nn.masked import masked_dilated_attention
+from dilated_compile.testing import dense_reference
 from dilated_compile.nn import LongNet, LongNetLM, MultiheadDilatedAttention
 from dilated_compile.nn.positions import RotaryEmbedding, XPos
 
@@ -142,6 +145,19 @@ def _positions_and_refusals(rank, world) -> dict:
         lm = LongNetLM(11, d_model=8, nhead=2, num_layers=1, dim_feedforward=8, spec=DILATED)
         results["decode"] = _raised(lambda: lm.decode(torch.zeros(1, 3, dtype=torch.long), lm.new_cache()))
         results["start"] = _raised(lambda: attention.project(x, x, x, start=4))
+    # The functional API on shards: the whole sequence's rows, or a refusal (never the shard's
+    # local attention).
+    torch.manual_seed(5)
+    full = [torch.randn(1, 2, 10, 4, dtype=torch.float64) for _ in range(3)]
+    shards = [shard_sequence(t, layout="zigzag") for t in full]
+    with sequence_parallel(layout="zigzag"):
+        out = dilated_attention(*shards, DILATED, is_causal=True)
+    reference = shard_sequence(dense_reference(*full, DILATED, is_causal=True), layout="zigzag")
+    results["functional"] = bool(torch.allclose(out, reference, atol=1e-9, rtol=0))
+    with sequence_parallel(layout="zigzag"):
+        results["masked"] = _raised(lambda: masked_dilated_attention(*shards, DILATED))
+        keep = torch.ones(1, 1, shards[0].shape[2], 10, dtype=torch.bool)
+        results["attend"] = _raised(lambda: attend(DILATED, *shards, is_causal=True, attn_mask=keep))
     # Nothing was left half-done: a matching call still works.
     y = shard_sequence(torch.randn(1, 5, 8), layout="zigzag", dim=1)  # 1, 2 and 2 positions
     with sequence_parallel(layout="zigzag"):

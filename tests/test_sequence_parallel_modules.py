@@ -30,6 +30,10 @@ def test_modules_on_three_ranks_positions_and_refusals(tmp_path):
                        ("cache", "KV cache"), ("decode", "KV cache"), ("start", "start=4")]:
         assert results[0][key] == results[1][key] == results[2][key], key
         assert words in results[0][key], (key, results[0][key])
+    assert [r["functional"] for r in results] == [True] * 3
+    for key in ("masked", "attend"):
+        assert results[0][key] == results[1][key] == results[2][key], key
+        assert results[0][key].startswith("NotImplementedError") and "shard" in results[0][key], key
     assert results[0]["mask"].startswith("NotImplementedError")
     assert results[0]["start"].startswith("ValueError")
     assert [r["after"] for r in results] == [[1, 1, 8], [1, 2, 8], [1, 2, 8]]

@@ -54,6 +54,19 @@ def sequence_parallel_is_open() -> bool:
     return bool(_OPEN)
 
 
+def refuse_inside_sequence_parallel(what: str) -> None:
+    """NotImplementedError when a context is open: ``what`` calls an op on the tensors it is
+    given, which inside ``sequence_parallel`` are one rank's shards (it would silently attend
+    within the shard). Raised before any collective, so every rank raises it alike."""
+    if _OPEN:
+        raise NotImplementedError(
+            f"{what} inside sequence_parallel(...) would attend within this rank's shard only; "
+            "call F.scaled_dot_product_attention inside the pattern's region (dilated(spec) or "
+            "block_sparse(spec)) instead, with attn_mask as this rank's rows against every key "
+            "(docs/sequence_parallel.md)"
+        )
+
+
 def _attend(spec: Any, arguments: dict[str, Any], context: sequence_parallel) -> torch.Tensor:
     """One SDPA call (``arguments``, by name) of ``spec``'s pattern (None: dense) inside
     ``context``: computed at once in eager mode, captured annotated under Dynamo."""

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import annotation, block_sparse_annotation  # noqa: F401 (register the families attend opens)
 from ..attention_family import family_of_spec
+from ..distributed.context import refuse_inside_sequence_parallel
 from ..spec import DilatedSpec
 from ._checks import check_attention_dropout, check_probability
 
@@ -46,6 +47,7 @@ def attend(
     """
     family = family_of_spec(spec)
     if attn_mask is not None and is_causal:
+        refuse_inside_sequence_parallel("attend(...) with attn_mask and is_causal=True")
         pattern = family.pattern_args(spec, family.spec_tensor(spec))
         out, _ = family.op(query, key, value, *pattern, True, scale, attn_mask)
         return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..distributed.context import refuse_inside_sequence_parallel
 from ..ops import dilated_attention_op
 from ..ops._checks import check_attention_inputs
 from ..spec import DilatedSpec
@@ -69,6 +70,7 @@ def masked_dilated_attention(
         >>> masked_dilated_attention(q, k, v, spec, key_bias=padding).shape
         torch.Size([2, 4, 20, 16])
     """
+    refuse_inside_sequence_parallel("masked_dilated_attention")
     _check_one_sequence(query, key)
     check_attention_inputs(query, key, value)
     _check_biases(query, key_bias, attn_bias)

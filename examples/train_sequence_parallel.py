@@ -171,6 +171,7 @@ def main(argv=None) -> list[float]:
                   f"ln {task.num_keys} = {torch.tensor(float(task.num_keys)).log():.3f})", flush=True)
         return losses
     finally:
+        dist.barrier()  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
 
 

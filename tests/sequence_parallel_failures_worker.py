@@ -15,7 +15,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 
 from dilated_compile import gather_sequence, sequence_parallel, sequence_positions
@@ -51,8 +50,8 @@ def rank_exits(rank, world):
     if rank == 2:
         os._exit(0)  # before any call: rank 0 is alone in the signature check of [0, 2]
     if rank == 1:
-        # Joins the signature check, exits at the all-gather (its torch 2.13 and 2.11 names).
-        fc.all_gather_single_autograd = fc.all_gather_tensor_autograd = _exit
+        # Joins the signature check, exits at the all-gather of keys and values.
+        dist.all_gather_into_tensor = _exit
         attend(pair_1)
     results = {"all_gather": _failure(lambda: attend(pair_1)),
                "signature": _failure(lambda: attend(pair_2)),
@@ -60,3 +59,16 @@ def rank_exits(rank, world):
                "gather_sequence": _failure(lambda: gather_sequence(q, pair_1)),
                "sequence_positions": _failure(lambda: sequence_positions(6, pair_1))}
     return results
+
+
+def rank_exits_before_backward(rank, world):
+    """Both ranks finish the forward; rank 1 exits before the backward, whose reduce-scatter (the
+    all-gather's gradient) must fail on rank 0 naming itself."""
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    q = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+    with sequence_parallel(group, layout="zigzag", strategy="all_gather"):
+        out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    dist.barrier(group)  # the forward is done on both ranks
+    if rank == 1:
+        os._exit(0)
+    return {"backward": _failure(lambda: out.sum().backward())}

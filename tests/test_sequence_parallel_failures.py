@@ -33,3 +33,15 @@ def test_a_rank_that_exits_fails_the_others_naming_the_collective(tmp_path):
         assert "a rank may have exited" in failure["message"] and "0:00:05" in failure["message"]
         assert failure["cause"] in ("RuntimeError", "DistBackendError"), failure
         assert failure["seconds"] < TIMEOUT_S + 5, failure
+
+
+def test_a_rank_that_exits_before_the_backward_fails_the_other_naming_the_collective(tmp_path):
+    results = run_group("sequence_parallel_failures_worker:rank_exits_before_backward", 2, str(tmp_path),
+                        timeout=120)
+    assert results[1] is None
+    failure = results[0]["backward"]
+    assert failure["collective"] and failure["type"] == "CollectiveError", failure
+    assert failure["message"].startswith(
+        "sequence_parallel: the all-gather of keys and values (strategy 'all_gather'), backward failed "
+        "on rank 0 of 2"), failure["message"]
+    assert failure["seconds"] < TIMEOUT_S + 5, failure

@@ -1,8 +1,8 @@
-"""Differentiable collectives over the sequence dimension (functional collectives).
+"""Differentiable collectives over the sequence dimension.
 
-Every rank's ranges are padded to one chunk length so that the collectives move equal blocks
-(``torch.distributed._functional_collectives``, whose autograd the backward uses: the gradient
-of an all-gather is a reduce-scatter, of an all-to-all the reverse all-to-all).
+Every rank's ranges are padded to one chunk length so that the collectives move equal blocks;
+the gradient of an all-gather is a reduce-scatter, of an all-to-all the reverse all-to-all, each
+run under the collective's name (``errors.named_collective``).
 
 The bytes a rank receives in the forward collectives (and both directions of the ring) are
 counted in ``torch._dynamo.utils.counters["dilated_compile"]["sequence_parallel_bytes_<kind>"]``
@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 from torch._dynamo.utils import counters
 
-from .errors import named_collective, settle
+from .errors import named_collective
 from .layout import chunk_ranges, chunk_size, global_order
 
 
@@ -63,11 +62,63 @@ def assemble(blocks: list[torch.Tensor], n: int, world: int, layout: str, dim: i
     return torch.cat(pieces, dim=dim)
 
 
-def _all_gather_autograd(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
-    """The differentiable functional all-gather along ``dim``: ``all_gather_single_autograd`` in
-    torch 2.13, which deprecates ``all_gather_tensor_autograd``, its only name in torch 2.11."""
-    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
-    return gather(x, dim, group)
+class _Collective(torch.autograd.Function):
+    """A collective and the one that carries its gradient, each run under its name: a rank that
+    dies makes the others fail naming the collective, in the forward and in the backward alike.
+
+    Plain c10d collectives, not functional ones: the call runs eagerly in every mode (under
+    ``torch.compile`` inside the opaque sequence-parallel op), and functional collectives on gloo
+    can abort the interpreter's teardown (torch 2.13: "terminate called without an active
+    exception")."""
+
+    @staticmethod
+    def forward(ctx, x, run, reverse, what, group):
+        ctx.reverse, ctx.what, ctx.group = reverse, what, group
+        with named_collective(what, group):
+            return run(x.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad):
+        with named_collective(f"{ctx.what}, backward", ctx.group):
+            return ctx.reverse(grad.contiguous()), None, None, None, None
+
+
+def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out
+
+
+def _scatter_sum_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])
+    dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def _exchange_rows(x: torch.Tensor, output_sizes, input_sizes, group) -> torch.Tensor:
+    rows = x.shape[0] if output_sizes is None else sum(output_sizes)
+    out = x.new_empty(rows, *x.shape[1:])
+    dist.all_to_all_single(out, x, output_sizes, input_sizes, group=group)
+    return out
+
+
+def gather_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup, what: str) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` (equal shapes); differentiable: the gradient
+    is the reduce-scatter (sum) of the output's. ``what`` names the collective in errors."""
+    rows = _Collective.apply(
+        x.movedim(dim, 0), lambda t: _gather_rows(t, group),
+        lambda g: _scatter_sum_rows(g, group), what, group)
+    return rows.movedim(0, dim)
+
+
+def all_to_all(x: torch.Tensor, output_sizes: list[int] | None, input_sizes: list[int] | None,
+               group: dist.ProcessGroup, what: str) -> torch.Tensor:
+    """``all_to_all_single`` along dim 0 (``input_sizes[j]`` rows to rank ``j``, ``output_sizes[i]``
+    from rank ``i``; None: equal splits); differentiable: the gradient takes the reverse
+    all-to-all. ``what`` names the collective in errors."""
+    return _Collective.apply(
+        x, lambda t: _exchange_rows(t, output_sizes, input_sizes, group),
+        lambda g: _exchange_rows(g, input_sizes, output_sizes, group), what, group)
 
 
 def all_gather_sequence(
@@ -82,9 +133,7 @@ def all_gather_sequence(
     if world == 1:
         return unpack_ranges(packed, n, world, layout, rank, dim)
     count_received("all_gather", (world - 1) * packed.numel() * packed.element_size())
-    with named_collective(what, group):
-        # Waited for here, not at its first use, so that a failure is raised under its name.
-        gathered = settle(_all_gather_autograd(packed, dim, group))
+    gathered = gather_along(packed, dim, group, what)
     blocks = list(torch.chunk(gathered, world, dim=dim))
     return assemble(blocks, n, world, layout, dim)
 
@@ -95,5 +144,5 @@ def all_to_all_rows(x: torch.Tensor, group: dist.ProcessGroup, world: int) -> to
     if world == 1:
         return x
     count_received("all_to_all", (world - 1) * x[0].numel() * x.element_size())
-    with named_collective("sequence_parallel: the all-to-all of the shards (strategy 'all_to_all')", group):
-        return settle(fc.all_to_all_single_autograd(x.contiguous(), None, None, group))
+    return all_to_all(x, None, None, group,
+                      "sequence_parallel: the all-to-all of the shards (strategy 'all_to_all')")

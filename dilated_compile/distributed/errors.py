@@ -6,10 +6,8 @@ which says nothing of which of the library's collectives it was. ``named_collect
 failure into a ``CollectiveError`` naming the collective, the rank and the group's timeout, with
 the backend's error chained as its cause.
 
-Functional collectives (``torch.distributed._functional_collectives``) return an
-``AsyncCollectiveTensor`` that waits at its first use, which may be far from the call: ``settle``
-waits inside the wrapper, so the failure surfaces there. The gradients' collectives, which
-autograd runs in the backward, fail with the backend's own error.
+The library's collectives are blocking c10d calls made inside the wrapper, forward and
+backward (``collectives._Collective``), so a failure surfaces there, named.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 
 
 class CollectiveError(RuntimeError):
@@ -59,7 +56,7 @@ def named_collective(what: str, group: dist.ProcessGroup) -> Iterator[None]:
 
         >>> with named_collective("sequence_parallel: the all-to-all of the shards "
         ...                       "(strategy 'all_to_all')", group):
-        ...     out = settle(fc.all_to_all_single_autograd(x, None, None, group))
+        ...     dist.all_gather(lengths, mine, group=group)
     """
     try:
         yield
@@ -71,12 +68,3 @@ def named_collective(what: str, group: dist.ProcessGroup) -> Iterator[None]:
             f"{what} failed on {where}: {error}; a rank may have exited, crashed or not reached "
             f"this collective within {clause} (every rank of the group must make the same calls)"
         ) from error
-
-
-def settle(x: torch.Tensor) -> torch.Tensor:
-    """``x`` after waiting for it, if it is a functional collective's pending result (an
-    ``AsyncCollectiveTensor``), so that a failure surfaces here; the same tensor (its autograd
-    history kept), marked complete so that its later uses do not wait again."""
-    if isinstance(x, fc.AsyncCollectiveTensor):
-        x.trigger_wait()
-    return x

@@ -52,15 +52,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.distributed._functional_collectives as fc
 
 from ..ops import dilated_attention_op
 from ..ops._block_layout import EagerCache
 from ..ops._numerics import lse_dtype
 from ..ops._pattern import HeadPart, head_parts
 from ..spec import DilatedSpec
-from .collectives import count_received, pad_dim
-from .errors import named_collective, settle
+from .collectives import all_to_all, count_received, pad_dim
 from .layout import chunk_ranges, global_order, local_length
 from .plan import Plan
 
@@ -386,9 +384,7 @@ def _exchange(kv_rows: torch.Tensor, sparse: _SparsePlan, plan: Plan) -> torch.T
     send = kv_rows.index_select(1, sparse.send).transpose(0, 1).contiguous()
     count_received("all_gather", sum(sparse.receive_sizes) * send.shape[1:].numel() * send.element_size())
     what = "sequence_parallel: the sparse all-gather of dilated keys and values (strategy 'all_gather')"
-    with named_collective(what, plan.group):
-        received = settle(fc.all_to_all_single_autograd(send, sparse.receive_sizes, sparse.send_sizes,
-                                                        plan.group))
+    received = all_to_all(send, sparse.receive_sizes, sparse.send_sizes, plan.group, what)
     return received.transpose(0, 1)
 
 

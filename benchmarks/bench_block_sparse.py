@@ -124,14 +124,16 @@ def rel_err(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check(e: Experiment, q, k, v) -> dict:
+def check(e: Experiment, q, k, v, stage=lambda what: None) -> dict:
     """Ours against FlexAttention (same layout) and, at 16K, the PyTorch implementation."""
     with torch.no_grad():
         got = ours(q, k, v, e)
         errors = {}
         if e.n <= FLEX_MAX_N:
+            stage("flex's first call (block mask, compilation)")
             errors["vs_flex"] = rel_err(got, flex(q, k, v, e))
         if e.n <= 16 * K:
+            stage("the PyTorch implementation")
             s = e.spec
             ref = block_sparse_attention_pytorch_op(q, k, v, s.block_size, s.local_blocks,
                                                     s.global_blocks, s.random_blocks, s.seed,
@@ -179,16 +181,25 @@ def main():
         for backward in ((False,) if args.no_backward else (False, True))
     ]
     rows = []
+    started = time.perf_counter()
+
+    def stage(what: str) -> None:  # where the time goes (first calls compile and build masks)
+        print(f"#   {time.perf_counter() - started:7.1f} s  {what}", flush=True)
+
     for e in experiments:
         q, k, v = inputs(e)
         assert uses_block_sparse_kernels(q, k, v, BLOCK), "the kernels do not run this call"
-        errors = check(e, q, k, v)
+        stage(f"{e}: checking")
+        errors = check(e, q, k, v, stage)
         if any(not err < 2e-2 for err in errors.values()):
             raise SystemExit(f"{e}: results off {errors}; not timing")
+        stage("timing ours")
         row = dict(e=e, errors=errors, ours=bench(ours, e, q, k, v))
         if e.n <= DENSE_MAX_N:
+            stage("timing dense")
             row["dense"] = bench(dense, e, q, k, v)
         if e.n <= FLEX_MAX_N:
+            stage("timing flex")
             row["flex"] = bench(flex, e, q, k, v)
         rows.append(row)
         print("#", {**row, "e": dataclasses.asdict(e)}, flush=True)

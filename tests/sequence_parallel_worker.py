@@ -122,13 +122,7 @@ def _supported(strategy: str, kind: str, spec, causal: bool, mask: bool, hq: int
     if strategy == "all_gather":
         return not (block_sparse_kind and not causal)
     if strategy == "all_to_all":
-        if mask or hq % world:
-            return False
-        if isinstance(spec, DilatedSpec):
-            if spec.mode == "head_groups":
-                return world == 1
-            return (hq // world) % math.lcm(*spec.dilation_rates) == 0
-        return True
+        return not (mask or hq % world)
     return True  # auto: dilated -> all_gather; block-sparse -> all_gather, all_to_all or ring
 
 
@@ -227,8 +221,8 @@ def exactness_w2(rank, world):
                                    ("all_gather", "dilated", False), ("all_to_all", "block_sparse", True)]:
         cases.append(dict(strategy=strategy, kind=kind, causal=causal, n=13, layout="zigzag",
                           hkv=2, dtype="float32"))
-    # Two heads over two ranks: rank 1's head would use offset 0, not 1 (all_to_all raises, auto
-    # falls back to all_gather).
+    # Two heads over two ranks: rank 1's head keeps offset 1 under rate 2 (all_to_all computes
+    # the rank's heads part by part).
     for strategy in ("all_to_all", "auto"):
         cases.append(dict(strategy=strategy, kind="dilated", causal=False, n=13, layout="zigzag",
                           hq=2, hkv=2))
@@ -247,6 +241,13 @@ def exactness_w3(rank, world):
             ("contiguous", "zigzag"), ("dilated", "dilated_short", "head_groups"), (False, True)):
         cases.append(dict(strategy="all_gather", kind=kind, causal=causal, n=37, layout=layout,
                           hq=3, hkv=1, mask="float" if not causal else None))
+    # all_to_all on heads whose offsets do not line up with a rank's share (1 or 2 heads per
+    # rank, rates up to 2; head_groups cut across ranks), GQA repeated to split.
+    for layout, kind, causal, (hq, hkv) in itertools.product(
+            ("contiguous", "zigzag"), ("dilated_short", "head_groups", "dilated_capped"), (False, True),
+            ((3, 3), (6, 2))):
+        cases.append(dict(strategy="all_to_all", kind=kind, causal=causal, n=16, layout=layout, hq=hq,
+                          hkv=hkv))
     # GQA whose kv heads do not split over 3 ranks: 12 query heads over 2 kv heads (repeated 3x).
     for kind, causal in itertools.product(("dense", "block_sparse"), (False, True)):
         cases.append(dict(strategy="all_to_all", kind=kind, causal=causal, n=16, layout="zigzag",

@@ -2,11 +2,13 @@
 
 One all-to-all turns every rank's ``[B, H, n_r, D]`` q/k/v shards into the full sequence of
 ``H / W`` heads (rank ``r`` gets heads ``[r*H/W, (r+1)*H/W)``), the pattern's op runs on it,
-and a second all-to-all returns the rows. Exact when a rank's heads see the pattern they have
-in the whole: dense always; dilated ``mixture`` when ``(Hq / W) % lcm(dilation_rates) == 0``
-(head ``h`` uses offset ``h mod r``); block-sparse always (per-head random blocks or layouts
-travel as the explicit layout of the rank's heads). ``head_groups`` needs ``W == 1``. With
-``Hkv % W != 0`` each key/value head is repeated the fewest times that makes them split. Masks raise.
+and a second all-to-all returns the rows. A rank's heads see the pattern they have in the whole:
+dense trivially; block-sparse through the explicit layout of the rank's heads (per-head random
+blocks or layouts); dilated through the op itself when the offsets line up (``mixture`` with
+``(Hq / W) % lcm(dilation_rates) == 0``: head ``h`` uses offset ``h mod r``), else through
+``head_subset`` (one op call per (config, offset) part of the whole head set that meets the
+rank's heads; ``head_groups`` included). Needs ``Hq % W == 0``; with ``Hkv % W != 0`` each
+key/value head is repeated the fewest times that makes them split. Masks raise.
 
 Per-rank traffic (bytes received): ``(W - 1) / W * c * B * (Hq * D + Hkv' * (D + Dv)) *
 itemsize`` forward plus ``(W - 1) / W * c * B * Hq * Dv * itemsize`` on the way back (``c``:
@@ -23,6 +25,7 @@ import torch
 from ..block_sparse_spec import BlockSparseSpec
 from ..ops._block_layout import EagerCache
 from .collectives import all_to_all_rows, assemble, pack_ranges, unpack_ranges
+from .head_subset import dilated_head_subset_attention
 from .plan import Plan, block_layout_tensor, pattern_attention
 
 
@@ -47,21 +50,6 @@ def check_all_to_all(plan: Plan, q_heads: int, has_mask: bool) -> None:
             f"sequence_parallel(strategy='all_to_all') splits the {q_heads} query heads over "
             f"{w} ranks: they must be a multiple of {w}; use {_others(plan)}"
         )
-    if plan.kind == "dilated" and w > 1:
-        spec = plan.spec
-        if spec.mode == "head_groups":
-            raise ValueError(
-                "sequence_parallel(strategy='all_to_all') cannot split mode='head_groups' heads "
-                "over ranks (a rank's heads would form other groups); use strategy='all_gather'"
-            )
-        period = math.lcm(*spec.dilation_rates)
-        if (q_heads // w) % period:
-            raise ValueError(
-                f"sequence_parallel(strategy='all_to_all'): each rank gets {q_heads // w} of the "
-                f"{q_heads} heads, not a multiple of lcm(dilation_rates) = {period}, so its heads "
-                "would use other dilation offsets than in the whole; use strategy='all_gather' "
-                f"(or a head count whose share per rank is a multiple of {period})"
-            )
 
 
 # The rank's layout is built from the whole sequence's block index and handed to the op as an
@@ -88,6 +76,15 @@ def _rank_spec(plan: Plan, q_heads: int, device: torch.device):
     version = None if spec.layout is None else spec.layout._version
     key = (spec, version, q_heads, plan.n, plan.is_causal, device, plan.rank, plan.world)
     return _RANK_SPECS.get(key, spec.layout, build)
+
+
+def _offsets_align(plan: Plan, q_heads: int) -> bool:
+    """Whether the dilated op, handed this rank's heads, gives each the offsets of its index in
+    the whole: one rank, or mixture with a multiple of every rate per rank (head ``h`` uses
+    offset ``h mod r``)."""
+    spec = plan.spec
+    share = q_heads // plan.world
+    return plan.world == 1 or spec.mode == "mixture" and share % math.lcm(*spec.dilation_rates) == 0
 
 
 def all_to_all_attention(
@@ -123,7 +120,12 @@ def all_to_all_attention(
     parts = [list(torch.split(received[i], sizes)) for i in range(w)]
     full = [assemble([parts[i][t].view(shapes[t]) for i in range(w)], n, w, layout, 2) for t in range(3)]
 
-    out, _ = pattern_attention(_rank_spec(plan, q_heads, q.device), *full, plan.is_causal, plan.scale, None)
+    if plan.kind == "dilated" and not _offsets_align(plan, q_heads):
+        out = dilated_head_subset_attention(plan.spec, *full, plan.rank * hq, q_heads, plan.is_causal,
+                                            plan.scale)
+    else:
+        out, _ = pattern_attention(_rank_spec(plan, q_heads, q.device), *full, plan.is_causal, plan.scale,
+                                   None)
     # Back: rank i gets its positions of my heads.
     back = torch.stack([pack_ranges_of(out, plan, i).reshape(-1) for i in range(w)])
     returned = all_to_all_rows(back, plan.group, w)  # row j: my positions, rank j's heads

@@ -6,8 +6,8 @@
 - dilated: ``"all_gather"``;
 - block-sparse: causal ``"all_gather"``, non-causal ``"all_to_all"``.
 
-When ``"auto"``'s first choice cannot serve the call (``"all_to_all"`` with a mask, heads not
-divisible by the ranks, dilation offsets that differ per rank), the next exact strategy serves
+When ``"auto"``'s first choice cannot serve the call (``"all_to_all"`` with a mask or heads not
+divisible by the ranks), the next exact strategy serves
 it: ``"all_gather"`` for dilated, ``"ring"`` for non-causal block-sparse (which ``"all_gather"``
 cannot compute); else the first's error is raised.
 """

@@ -60,6 +60,7 @@ from ..ops._pattern import HeadPart, head_parts
 from ..spec import DilatedSpec
 from .collectives import all_to_all, count_received, pad_dim
 from .layout import chunk_ranges, global_order, local_length
+from .merge import merge_by_lse
 from .plan import Plan
 
 
@@ -197,7 +198,7 @@ class _Window:
     kv: torch.Tensor
 
 
-def _kv_heads(heads: torch.Tensor, q_heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kv_heads_of(heads: torch.Tensor, q_heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The op's kv heads for the query heads ``heads`` (each repeated for its consecutive query
     heads when they form equal GQA groups, else one per query head), and the distinct ones."""
     per_query = heads // (q_heads // kv_heads)
@@ -213,7 +214,7 @@ def _windows(call: _Call, rank: int) -> list[_Window]:
     """The lanes of ``rank``'s ranges, for the configs not computed directly."""
     parts = head_parts(call.spec.segment_lengths, call.spec.dilation_rates, call.spec.mode, call.q_heads)
     heads = [torch.arange(call.q_heads)[part.heads] for part in parts]
-    kv = [_kv_heads(h, call.q_heads, call.kv_heads) for h in heads]
+    kv = [kv_heads_of(h, call.q_heads, call.kv_heads) for h in heads]
     windows = []
     for index, (qa, qb) in enumerate(call.ranges(rank)):
         if qa == qb:
@@ -445,12 +446,7 @@ def _range_attention(plan: Plan, part: _Range, q: torch.Tensor, k: torch.Tensor,
     else:
         lses = torch.cat([lses, lses.new_full((batch, missing), float("-inf"))], dim=1)
         lses = lses.index_copy(1, part.targets, torch.cat([s for _, s in results], dim=1).to(cdtype))
-        lses = lses.view(batch, part.slots, rows)
-        # A row no partial result reaches has lse -inf everywhere: weigh its zero outputs by
-        # finite numbers instead, so neither the weights nor their gradients are NaN.
-        live = torch.isfinite(lses).any(dim=1, keepdim=True)
-        weights = torch.softmax(torch.where(live, lses, torch.zeros_like(lses)), dim=1)
-        merged = (outs.view(batch, part.slots, rows, dv) * weights.unsqueeze(-1)).sum(dim=1)
+        merged = merge_by_lse(outs.view(batch, part.slots, rows, dv), lses.view(batch, part.slots, rows))
     return merged.view(batch, q_heads, part.length, dv).to(q.dtype)
 
 

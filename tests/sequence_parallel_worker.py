@@ -122,7 +122,7 @@ def _supported(strategy: str, kind: str, spec, causal: bool, mask: bool, hq: int
     if strategy == "all_gather":
         return not (block_sparse_kind and not causal)
     if strategy == "all_to_all":
-        return not (mask or hq % world)
+        return not hq % world
     return True  # auto: dilated -> all_gather; block-sparse -> all_gather, all_to_all or ring
 
 
@@ -242,12 +242,13 @@ def exactness_w3(rank, world):
         cases.append(dict(strategy="all_gather", kind=kind, causal=causal, n=37, layout=layout,
                           hq=3, hkv=1, mask="float" if not causal else None))
     # all_to_all on heads whose offsets do not line up with a rank's share (1 or 2 heads per
-    # rank, rates up to 2; head_groups cut across ranks), GQA repeated to split.
+    # rank, rates up to 2; head_groups cut across ranks), GQA repeated to split, masks per head
+    # and per row travelling to the ranks of their heads.
     for layout, kind, causal, (hq, hkv) in itertools.product(
             ("contiguous", "zigzag"), ("dilated_short", "head_groups", "dilated_capped"), (False, True),
             ((3, 3), (6, 2))):
         cases.append(dict(strategy="all_to_all", kind=kind, causal=causal, n=16, layout=layout, hq=hq,
-                          hkv=hkv))
+                          hkv=hkv, mask=None if causal else ("float" if hq == 3 else "bool")))
     # GQA whose kv heads do not split over 3 ranks: 12 query heads over 2 kv heads (repeated 3x).
     for kind, causal in itertools.product(("dense", "block_sparse"), (False, True)):
         cases.append(dict(strategy="all_to_all", kind=kind, causal=causal, n=16, layout="zigzag",

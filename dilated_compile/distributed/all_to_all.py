@@ -8,7 +8,11 @@ blocks or layouts); dilated through the op itself when the offsets line up (``mi
 ``(Hq / W) % lcm(dilation_rates) == 0``: head ``h`` uses offset ``h mod r``), else through
 ``head_subset`` (one op call per (config, offset) part of the whole head set that meets the
 rank's heads; ``head_groups`` included). Needs ``Hq % W == 0``; with ``Hkv % W != 0`` each
-key/value head is repeated the fewest times that makes them split. Masks raise.
+key/value head is repeated the fewest times that makes them split. ``attn_mask``: a key-padding
+mask (one row for every query) is used as it is; a mask with rows takes one more all-to-all, of
+each rank's rows for the receiver's heads, ``(W - 1) / W * c * B' * H' * N * m`` bytes (``B'``,
+``H'``: the mask's batch and head dims, per rank ``H' / W`` when it has every head; ``m`` its
+element size).
 
 Per-rank traffic (bytes received): ``(W - 1) / W * c * B * (Hq * D + Hkv' * (D + Dv)) *
 itemsize`` forward plus ``(W - 1) / W * c * B * Hq * Dv * itemsize`` on the way back (``c``:
@@ -38,13 +42,9 @@ def _others(plan: Plan) -> str:
     return "strategy='all_gather' or 'ring'"
 
 
-def check_all_to_all(plan: Plan, q_heads: int, has_mask: bool) -> None:
+def check_all_to_all(plan: Plan, q_heads: int, has_mask: bool = False) -> None:
     """ValueError naming the reason and the strategies to use, when this call is not exact."""
     w = plan.world
-    if has_mask:
-        raise ValueError(
-            f"sequence_parallel(strategy='all_to_all') does not take attn_mask; use {_others(plan)}"
-        )
     if q_heads % w:
         raise ValueError(
             f"sequence_parallel(strategy='all_to_all') splits the {q_heads} query heads over "
@@ -120,18 +120,41 @@ def all_to_all_attention(
     parts = [list(torch.split(received[i], sizes)) for i in range(w)]
     full = [assemble([parts[i][t].view(shapes[t]) for i in range(w)], n, w, layout, 2) for t in range(3)]
 
+    mask = None if attn_mask is None else _mask_of_rank_heads(attn_mask, plan, hq)
     if plan.kind == "dilated" and not _offsets_align(plan, q_heads):
         out = dilated_head_subset_attention(plan.spec, *full, plan.rank * hq, q_heads, plan.is_causal,
-                                            plan.scale)
+                                            plan.scale, mask)
     else:
         out, _ = pattern_attention(_rank_spec(plan, q_heads, q.device), *full, plan.is_causal, plan.scale,
-                                   None)
+                                   mask)
     # Back: rank i gets its positions of my heads.
     back = torch.stack([pack_ranges_of(out, plan, i).reshape(-1) for i in range(w)])
     returned = all_to_all_rows(back, plan.group, w)  # row j: my positions, rank j's heads
     dv = v.shape[3]
     heads = [returned[j].view(batch, hq, length, dv) for j in range(w)]
     return unpack_ranges(torch.cat(heads, dim=1), n, w, layout, rank, 2)
+
+
+def _mask_of_rank_heads(mask: torch.Tensor, plan: Plan, hq: int) -> torch.Tensor:
+    """This rank's rows of ``attn_mask`` (``[B or 1, Hq or 1, n_r or 1, N]``) -> every row of this
+    rank's heads, ``[B or 1, hq or 1, N or 1, N]``. A mask the same for every row (key padding)
+    needs no exchange; else one all-to-all moves each rank's rows of the receiver's heads (every
+    head when the mask has one), bool masks as bytes."""
+    per_head = mask.shape[1] != 1
+
+    def heads_of(x: torch.Tensor, rank: int) -> torch.Tensor:
+        return x[:, rank * hq:(rank + 1) * hq] if per_head else x
+
+    if mask.shape[2] == 1:
+        return heads_of(mask, plan.rank)
+    w, n, layout, rank = plan.world, plan.n, plan.layout, plan.rank
+    is_bool = mask.dtype == torch.bool
+    packed = pack_ranges(mask.to(torch.uint8) if is_bool else mask, n, w, layout, rank, 2)
+    received = all_to_all_rows(torch.stack([heads_of(packed, j).reshape(-1) for j in range(w)]),
+                               plan.group, w)
+    shape = (packed.shape[0], hq if per_head else 1, packed.shape[2], packed.shape[3])
+    full = assemble([received[i].view(shape) for i in range(w)], n, w, layout, 2)
+    return full.bool() if is_bool else full
 
 
 def pack_ranges_of(full: torch.Tensor, plan: Plan, rank: int) -> torch.Tensor:

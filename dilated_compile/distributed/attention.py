@@ -4,12 +4,12 @@
 
 - dense (plain SDPA): ``"ring"``;
 - dilated: ``"all_gather"``;
-- block-sparse: causal ``"all_gather"``, non-causal ``"all_to_all"``.
+- block-sparse: causal ``"all_gather"``; non-causal ``"all_to_all"``, or ``"ring"`` with an
+  ``attn_mask`` (which all_to_all would move to the ranks of its heads; ring reads it in place).
 
-When ``"auto"``'s first choice cannot serve the call (``"all_to_all"`` with a mask or heads not
-divisible by the ranks), the next exact strategy serves
-it: ``"all_gather"`` for dilated, ``"ring"`` for non-causal block-sparse (which ``"all_gather"``
-cannot compute); else the first's error is raised.
+When ``"auto"``'s first choice cannot serve the call (``"all_to_all"`` with heads not divisible
+by the ranks), the next exact strategy serves it (``"ring"`` for non-causal block-sparse, which
+``"all_gather"`` cannot compute); else the first's error is raised.
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ def choose_strategy(requested: str, plan: Plan, q_heads: int, has_mask: bool) ->
         order = ("ring", "all_gather")
     elif plan.kind == "dilated":
         order = ("all_gather", "all_to_all")
+    elif plan.is_causal:
+        order = ("all_gather", "all_to_all", "ring")
     else:
-        order = ("all_gather", "all_to_all", "ring") if plan.is_causal else ("all_to_all", "ring")
+        # A mask travels with all_to_all (its rows to the ranks of their heads); ring reads it where
+        # it is.
+        order = ("ring", "all_to_all") if has_mask else ("all_to_all", "ring")
     first_error = None
     for strategy in order:
         try:

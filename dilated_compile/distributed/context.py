@@ -114,14 +114,14 @@ class sequence_parallel(TorchFunctionMode):
             see ``shard_sequence``. Any ``N`` works (the last ranks may hold fewer positions).
         strategy: ``"all_gather"``, ``"all_to_all"``, ``"ring"`` (not dilated) or ``"auto"``
             (dense -> ring, dilated -> all_gather, block-sparse causal -> all_gather and
-            non-causal -> all_to_all); see docs/sequence_parallel.md.
+            non-causal -> all_to_all, or ring with a mask); see docs/sequence_parallel.md.
 
     Inside, SDPA takes this rank's shards q ``[B, Hq, n_r, D]``, k/v ``[B, Hkv, n_r, D/Dv]``
     (``enable_gqa=True`` for GQA), ``is_causal``, ``scale`` and ``attn_mask`` — this rank's
-    query rows against *every* key, ``[B or 1, Hq or 1, n_r or 1, N]`` (all_gather and ring) —
-    and returns this rank's rows ``[B, Hq, n_r, Dv]``, equal (outputs and gradients) to the rows
-    of the single-device attention of the gathered sequence. Every rank must make the same call;
-    the first call of each shape class checks that (one small all-gather) and raises the same
+    query rows against *every* key, ``[B or 1, Hq or 1, n_r or 1, N]`` — and returns this
+    rank's rows ``[B, Hq, n_r, Dv]``, equal (outputs and gradients) to the rows of the
+    single-device attention of the gathered sequence. Every rank must make the same call; each
+    call checks that (one small all-gather) and raises the same
     ValueError on every rank, naming the field that differs. Calls that cannot be computed
     exactly raise ValueError naming the strategy that can. Under
     ``torch.compile(backend="dilated_compile")`` a call is one op of the graph,

@@ -28,13 +28,14 @@ from .sparse_all_gather import kv_heads_of
 
 def dilated_head_subset_attention(
     spec: DilatedSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_lo: int,
-    q_heads: int, is_causal: bool, scale: float | None,
+    q_heads: int, is_causal: bool, scale: float | None, attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Query heads ``[head_lo, head_lo + h)`` of ``q_heads`` over the whole sequence.
 
     Shapes: q ``[B, h, N, D]``, k ``[B, hk, N, D]``, v ``[B, hk, N, Dv]`` (``h % hk == 0``; local
-    query head ``i`` reads local kv head ``i // (h // hk)``) -> ``[B, h, N, Dv]``, equal to those
-    heads of ``spec``'s attention over all ``q_heads`` heads."""
+    query head ``i`` reads local kv head ``i // (h // hk)``), attn_mask None or ``[B or 1, h or 1,
+    N or 1, N]`` (bool or float, as in SDPA) -> ``[B, h, N, Dv]``, equal to those heads of
+    ``spec``'s attention over all ``q_heads`` heads."""
     batch, heads, n, _ = q.shape
     dv = v.shape[-1]
     cdtype = lse_dtype(q.dtype)
@@ -54,10 +55,20 @@ def dilated_head_subset_attention(
         local, positions, op_kv = local.to(q.device), positions.to(q.device), op_kv.to(q.device)
         rows = [x.index_select(1, index).index_select(2, positions)
                 for x, index in ((q, local), (k, op_kv), (v, op_kv))]
-        out, lse = dilated_attention_op(*rows, [-(-(w - o) // r)], [1], "mixture", is_causal, scale, None)
+        mask = None if attn_mask is None else _part_mask(attn_mask, local, positions)
+        out, lse = dilated_attention_op(*rows, [-(-(w - o) // r)], [1], "mixture", is_causal, scale, mask)
         targets = (local.unsqueeze(1) * n + positions).flatten()
         i = part.config_index
         outs[i] = outs[i].index_copy(1, targets, out.flatten(1, 2).to(cdtype))
         lses[i] = lses[i].index_copy(1, targets, lse.flatten(1, 2).to(cdtype))
     merged = merge_by_lse(torch.stack(outs, dim=1), torch.stack(lses, dim=1))  # [B, h * N, Dv]
     return merged.view(batch, heads, n, dv).to(q.dtype)
+
+
+def _part_mask(mask: torch.Tensor, heads: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A part's entries of ``mask``: its heads, rows and columns (broadcast dims stay 1)."""
+    if mask.shape[1] != 1:
+        mask = mask.index_select(1, heads)
+    if mask.shape[2] != 1:
+        mask = mask.index_select(2, positions)
+    return mask.index_select(3, positions)

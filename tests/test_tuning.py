@@ -59,6 +59,7 @@ def test_select_uses_one_shipped_config_on_a_known_gpu(monkeypatch):
     chosen = _config(128, 128, 8, 3)
     table = {name: {json.dumps([2048, 64, 64, False, False, False, False, "torch.bfloat16"]): chosen}}
     monkeypatch.setattr(tuning, "_device_kernels", lambda index: table)
+    monkeypatch.setattr(tuning, "_SELECTED", {})
     monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "auto")
     cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
     kwargs = {"rows_bucket": 4096, "HEAD_DIM": 64, "HEAD_DIM_V": 64, "IS_CAUSAL": False,
@@ -78,6 +79,7 @@ def test_select_uses_one_shipped_config_on_a_known_gpu(monkeypatch):
     assert len(first.configs) == 1 and first.configs[0].kwargs == autotuner.configs[0].kwargs
     monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "auto")
     monkeypatch.setattr(tuning, "_device_kernels", lambda index: {})
+    monkeypatch.setattr(tuning, "_SELECTED", {})
     assert tuning.select(name, cuda, (torch.empty(1),), kwargs) is autotuner
     assert tuning.select(name, torch.device("cpu"), (torch.empty(1),), kwargs) is autotuner
 

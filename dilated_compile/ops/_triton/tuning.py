@@ -154,11 +154,18 @@ def select(name: str, device: torch.device, args: tuple, kwargs: dict):
         return autotuner
     if mode == "0":
         return _one_config(name, json.dumps(config_fields(autotuner.configs[0]), sort_keys=True))
-    entries = _device_kernels(device.index if device.index is not None else torch.cuda.current_device())
-    entry = _closest(entries.get(name, {}), tuning_key(autotuner, args, kwargs))
-    if entry is None:
-        return autotuner
-    return _one_config(name, json.dumps(entry, sort_keys=True))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = tuning_key(autotuner, args, kwargs)
+    chosen = _SELECTED.get((name, index, key))
+    if chosen is None:  # once per kernel, GPU and shape class: a launch then costs a lookup
+        entry = _closest(_device_kernels(index).get(name, {}), key)
+        chosen = autotuner if entry is None else _one_config(name, json.dumps(entry, sort_keys=True))
+        _SELECTED[(name, index, key)] = chosen
+    return chosen
+
+
+# (kernel name, CUDA device index, tuning key) -> the kernel ``select`` picked.
+_SELECTED: dict[tuple, Any] = {}
 
 
 def config_fields(config) -> dict:

@@ -83,15 +83,21 @@ class _Collective(torch.autograd.Function):
             return ctx.reverse(grad.contiguous()), None, None, None, None
 
 
+# torch 2.13 names them ``all_gather_single``/``reduce_scatter_single`` and deprecates the
+# ``*_tensor`` names, the only ones torch 2.11 has.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _gather_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
-    dist.all_gather_into_tensor(out, x, group=group)
+    _ALL_GATHER(out, x, group=group)
     return out
 
 
 def _scatter_sum_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])
-    dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group)
+    _REDUCE_SCATTER(out, x, op=dist.ReduceOp.SUM, group=group)
     return out
 
 

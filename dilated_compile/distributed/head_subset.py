@@ -16,6 +16,8 @@ copy of the part's rows.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..ops import dilated_attention_op
@@ -47,12 +49,11 @@ def dilated_head_subset_attention(
         local = members[(members >= head_lo) & (members < head_lo + heads)] - head_lo
         w = min(part.segment_length, n)
         r, o = part.dilation_rate, part.offset
-        positions = torch.arange(n)
-        positions = positions[positions % w % r == o]
+        positions = _positions(n, w, r, o, q.device)
         if local.numel() == 0 or positions.numel() == 0:
             continue
         op_kv, _ = kv_heads_of(local, heads, k.shape[1])
-        local, positions, op_kv = local.to(q.device), positions.to(q.device), op_kv.to(q.device)
+        local, op_kv = local.to(q.device), op_kv.to(q.device)
         rows = [x.index_select(1, index).index_select(2, positions)
                 for x, index in ((q, local), (k, op_kv), (v, op_kv))]
         mask = None if attn_mask is None else _part_mask(attn_mask, local, positions)
@@ -63,6 +64,14 @@ def dilated_head_subset_attention(
         lses[i] = lses[i].index_copy(1, targets, lse.flatten(1, 2).to(cdtype))
     merged = merge_by_lse(torch.stack(outs, dim=1), torch.stack(lses, dim=1))  # [B, h * N, Dv]
     return merged.view(batch, heads, n, dv).to(q.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(n: int, w: int, r: int, o: int, device: torch.device) -> torch.Tensor:
+    """The positions of ``[0, n)`` whose local index (segments of ``w``) is ``o`` mod ``r``, on
+    ``device`` (built once per call class: no host work or copy on later calls)."""
+    positions = torch.arange(n)
+    return positions[positions % w % r == o].to(device)
 
 
 def _part_mask(mask: torch.Tensor, heads: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

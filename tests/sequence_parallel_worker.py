@@ -249,6 +249,10 @@ def exactness_w3(rank, world):
             ((3, 3), (6, 2))):
         cases.append(dict(strategy="all_to_all", kind=kind, causal=causal, n=16, layout=layout, hq=hq,
                           hkv=hkv, mask=None if causal else ("float" if hq == 3 else "bool")))
+    # One position: rank 2's only head (head_groups' second group, offset 1) attends no key, and
+    # its backward must still join the reverse all-to-all.
+    cases.append(dict(strategy="all_to_all", kind="head_groups", causal=False, n=1, layout="contiguous",
+                      hq=3, hkv=3))
     # GQA whose kv heads do not split over 3 ranks: 12 query heads over 2 kv heads (repeated 3x).
     for kind, causal in itertools.product(("dense", "block_sparse"), (False, True)):
         cases.append(dict(strategy="all_to_all", kind=kind, causal=causal, n=16, layout="zigzag",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .collectives import all_gather_sequence, pad_dim
-from .plan import Plan, pattern_attention
+from .plan import Plan, connected_zero, pattern_attention
 from .sparse_all_gather import sparse_all_gather_attention
 
 
@@ -79,5 +79,5 @@ def all_gather_attention(
     if not outs:
         # A rank with no rows keeps the gathered keys in its graph all the same: the backward's
         # reduce-scatter is a collective every rank must join.
-        return q.new_zeros(*q.shape[:3], v.shape[-1]) + (q.sum() + kv.sum()) * 0
+        return q.new_zeros(*q.shape[:3], v.shape[-1]) + connected_zero(q, kv)
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]

@@ -23,7 +23,7 @@ from ..ops._checks import check_attention_inputs, check_attn_mask_grad, check_sd
 from .all_gather import all_gather_attention, check_all_gather
 from .all_to_all import all_to_all_attention, check_all_to_all
 from .group import rank_and_size
-from .plan import Plan
+from .plan import Plan, connected_zero
 from .ring import check_ring, ring_attention
 from .signature import check_signature, signature_fields
 
@@ -108,8 +108,7 @@ def sequence_parallel_attention(spec: Any, arguments: dict[str, Any], context: A
                                    torch.empty(*key.shape[:2], n, key.shape[3], **meta))
     plan = Plan(spec, group, rank, world, context.layout, n, is_causal, scale)
     if n == 0:
-        anchor = (query.sum() + key.sum() + value.sum()) * 0
-        return query.new_zeros(*query.shape[:3], value.shape[-1]) + anchor
+        return query.new_zeros(*query.shape[:3], value.shape[-1]) + connected_zero(query, key, value)
     strategy = choose_strategy(context.strategy, plan, query.shape[1], attn_mask is not None)
     return _RUN[strategy](plan, query, key, value, attn_mask)
 

@@ -25,6 +25,7 @@ from ..ops._numerics import lse_dtype
 from ..ops._pattern import head_parts
 from ..spec import DilatedSpec
 from .merge import merge_by_lse
+from .plan import connected_zero
 from .sparse_all_gather import kv_heads_of
 
 
@@ -63,7 +64,8 @@ def dilated_head_subset_attention(
         outs[i] = outs[i].index_copy(1, targets, out.flatten(1, 2).to(cdtype))
         lses[i] = lses[i].index_copy(1, targets, lse.flatten(1, 2).to(cdtype))
     merged = merge_by_lse(torch.stack(outs, dim=1), torch.stack(lses, dim=1))  # [B, h * N, Dv]
-    return merged.view(batch, heads, n, dv).to(q.dtype)
+    # Connected even when no part meets a row of these heads (few positions, large offsets).
+    return merged.view(batch, heads, n, dv).to(q.dtype) + connected_zero(q, k, v)
 
 
 @functools.lru_cache(maxsize=64)

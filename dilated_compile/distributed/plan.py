@@ -40,6 +40,14 @@ class Plan:
         return "dilated" if isinstance(self.spec, DilatedSpec) else "block_sparse"
 
 
+def connected_zero(*tensors: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on ``tensors``: the sum of an empty slice of each, which keeps them in
+    the autograd graph without reading a value (``x.sum() * 0`` is NaN once a half-precision sum
+    overflows). Added to an output no row of which attends a key, it keeps the rank's backward,
+    and the collectives in it, in step with the other ranks'."""
+    return sum(x.narrow(0, 0, 0).sum() for x in tensors)
+
+
 def dense_attention(q, k, v, is_causal: bool, scale, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention with its lse: the dilated op with one segment covering the keys, rate 1."""
     return dilated_attention_op(q, k, v, [max(k.shape[2], 1)], [1], "mixture", is_causal, scale, attn_mask)

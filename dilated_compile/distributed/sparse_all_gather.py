@@ -61,7 +61,7 @@ from ..spec import DilatedSpec
 from .collectives import all_to_all, count_received, pad_dim
 from .layout import chunk_ranges, global_order, local_length
 from .merge import merge_by_lse
-from .plan import Plan
+from .plan import Plan, connected_zero
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,12 +450,6 @@ def _range_attention(plan: Plan, part: _Range, q: torch.Tensor, k: torch.Tensor,
     return merged.view(batch, q_heads, part.length, dv).to(q.dtype)
 
 
-def _connected(*tensors: torch.Tensor) -> torch.Tensor:
-    """A zero that depends on ``tensors``: the sum of an empty slice of each, which keeps them in
-    the autograd graph without reading a value (a sum of half-precision values may overflow)."""
-    return sum(x.narrow(0, 0, 0).sum() for x in tensors)
-
-
 def sparse_all_gather_attention(
     plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -475,9 +469,9 @@ def sparse_all_gather_attention(
     if not any(part.direct is not None or part.lanes for part in sparse.ranges):
         # No row attends a key (or the rank has no rows): zeros, still connected to the inputs so
         # that every shard gets a gradient.
-        out = out + _connected(q, kv_rows)
+        out = out + connected_zero(q, kv_rows)
     if sparse.exchange:
         # Every rank's backward must join the reverse all-to-all, also one whose rows use none of
         # what it received: it gets back the gradients of the rows it sent.
-        out = out + _connected(received)
+        out = out + connected_zero(received)
     return out

@@ -16,8 +16,7 @@ import torch
 from .context import _OPEN
 from .group import rank_and_size, resolve_group
 from .layout import check_layout, chunk_ranges
-from .layout import local_length as share_of
-from .shard import gathered_length
+from .shard import global_length
 
 
 @torch._dynamo.disable  # a collective whose result decides shapes: run eagerly, a graph break
@@ -59,13 +58,7 @@ def sequence_positions(
     pg = resolve_group(group)
     rank, world = rank_and_size(pg)
     device = torch.device("cpu") if device is None else torch.device(device)
-    if n is None:
-        n = gathered_length(local_length, pg, layout, device=device, caller="sequence_positions")
-    elif local_length != share_of(n, world, layout, rank):
-        raise ValueError(
-            f"sequence_positions: rank {rank} holds {local_length} positions, but the {layout!r} "
-            f"layout of n={n} over {world} ranks gives it {share_of(n, world, layout, rank)}"
-        )
+    n = global_length(local_length, pg, layout, n, device=device, caller="sequence_positions")
     ranges = chunk_ranges(n, world, layout, rank)
     return torch.cat([torch.arange(a, b, dtype=torch.long, device=device) for a, b in ranges])
 

@@ -61,6 +61,24 @@ def gathered_length(
     return sum(per_rank)
 
 
+def global_length(
+    local: int, group: dist.ProcessGroup, layout: str, n: int | None, *, device: Any, caller: str,
+    what: str = "positions",
+) -> int:
+    """``N``: ``n`` when given (this rank's ``local`` checked against its share: ValueError on
+    this rank alone), else from every rank's local length (``gathered_length``, a collective)."""
+    if n is None:
+        return gathered_length(local, group, layout, device=device, caller=caller)
+    rank, world = rank_and_size(group)
+    share = local_length(n, world, layout, rank)
+    if local != share:
+        raise ValueError(
+            f"{caller}: rank {rank} holds {local} {what}, but the {layout!r} layout of n={n} over "
+            f"{world} ranks gives it {share}"
+        )
+    return n
+
+
 def check_lengths(per_rank: list[int], layout: str) -> None:
     """ValueError when the ranks' local lengths are not a ``layout`` sharding of their sum."""
     n, world = sum(per_rank), len(per_rank)
@@ -105,13 +123,7 @@ def gather_sequence(
     pg = resolve_group(group)
     rank, world = rank_and_size(pg)
     dim = dim % x.dim()
-    if n is None:
-        n = gathered_length(x.shape[dim], pg, layout, device=x.device)
-    elif x.shape[dim] != local_length(n, world, layout, rank):
-        raise ValueError(
-            f"gather_sequence: rank {rank} holds {x.shape[dim]} positions along dim {dim}, but "
-            f"the {layout!r} layout of n={n} over {world} ranks gives it "
-            f"{local_length(n, world, layout, rank)}"
-        )
+    n = global_length(x.shape[dim], pg, layout, n, device=x.device, caller="gather_sequence",
+                      what=f"positions along dim {dim}")
     return all_gather_sequence(x, pg, n, world, layout, rank, dim,
                                what="gather_sequence: the all-gather of the shards")

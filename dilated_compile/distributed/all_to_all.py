@@ -72,9 +72,8 @@ def _rank_spec(plan: Plan, q_heads: int, device: torch.device):
         layout = layout[plan.rank * h:(plan.rank + 1) * h] if layout.shape[0] > 1 else layout
         return BlockSparseSpec(spec.block_size, local_blocks=None, layout=layout.contiguous())
 
-    # The spec names an explicit layout by identity; its version counter catches in-place edits.
-    version = None if spec.layout is None else spec.layout._version
-    key = (spec, version, q_heads, plan.n, plan.is_causal, device, plan.rank, plan.world)
+    # The spec names an explicit layout by identity (the cache checks its version: in-place edits).
+    key = (spec, q_heads, plan.n, plan.is_causal, device, plan.rank, plan.world)
     return _RANK_SPECS.get(key, spec.layout, build)
 
 

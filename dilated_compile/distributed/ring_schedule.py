@@ -387,7 +387,6 @@ def schedule(plan: Plan, q_heads: int, device: torch.device) -> Schedule:
     length, heads, causality, layout, rank and device."""
     spec = plan.spec
     explicit = getattr(spec, "layout", None)
-    version = None if explicit is None else explicit._version
-    key = (spec, version, q_heads if plan.kind == "block_sparse" else None, plan.n, plan.is_causal,
+    key = (spec, q_heads if plan.kind == "block_sparse" else None, plan.n, plan.is_causal,
            plan.layout, plan.rank, plan.world, device)
     return _SCHEDULES.get(key, explicit, lambda: build_schedule(plan, q_heads, device))

@@ -214,7 +214,8 @@ def build_block_index(
 class EagerCache:
     """A small LRU of values built for eager calls. Objects a key names by identity (explicit
     layouts) are held with the value, so their identity cannot be reused while it lives, and a
-    hit needs the very same object."""
+    hit needs the very same object, unchanged: a tensor's version counter must not have moved
+    (an in-place edit builds the value again)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -225,12 +226,13 @@ class EagerCache:
 
     def get(self, key: Any, held: Any, build: Callable[[], Any]) -> Any:
         """The value of ``key`` (built by ``build()`` on a miss), ``held`` kept alive with it."""
+        version = held._version if isinstance(held, Tensor) else None
         hit = self._entries.get(key)
-        if hit is not None and hit[0] is held:
+        if hit is not None and hit[0] is held and hit[1] == version:
             self._entries.move_to_end(key)
-            return hit[1]
+            return hit[2]
         value = build()
-        self._entries[key] = (held, value)
+        self._entries[key] = (held, version, value)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return value
@@ -261,14 +263,13 @@ def cached_block_index(like: Tensor, *arguments, transpose: bool = False) -> Blo
     """``build_block_index(*arguments, like.device, transpose=transpose)`` (``arguments``: its
     arguments from ``block_size`` to ``is_causal``), served from a small LRU cache in eager mode.
 
-    The key holds every argument; an explicit layout is keyed by identity and by its version
-    counter (an in-place change to the layout builds a new index), and the cache keeps the
-    layout alive so its identity cannot be reused. Under tracing the index is always built, as
-    ops of the graph."""
+    The key holds every argument, an explicit layout by identity (``EagerCache`` checks its
+    version counter: an in-place change to the layout builds a new index, and keeps the layout
+    alive so its identity cannot be reused). Under tracing the index is always built, as ops of
+    the graph."""
     layout = arguments[5]
     args = (*arguments, like.device)
     if _tracing(like) or (layout is not None and _tracing(layout)):
         return build_block_index(*args, transpose=transpose)
-    layout_key = None if layout is None else (id(layout), layout._version)
-    key = (*args[:5], layout_key, *args[6:], transpose)
+    key = (*args[:5], None if layout is None else id(layout), *args[6:], transpose)
     return _INDEX_CACHE.get(key, layout, lambda: build_block_index(*args, transpose=transpose))

@@ -40,9 +40,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from dilated_compile import (
-    BlockSparseSpec, DilatedSpec, block_sparse, dilated, gather_sequence, sequence_parallel, shard_sequence,
-)
+from dilated_compile import BlockSparseSpec, DilatedSpec, gather_sequence, sequence_parallel, shard_sequence
+from dilated_compile.attention_family import family_of_spec
 from dilated_compile.distributed.plan import pattern_attention
 
 K = 1024
@@ -60,6 +59,7 @@ SMOKE_PATTERNS = {
     "block_sparse_local": BlockSparseSpec(8, local_blocks=1),
 }
 STRATEGIES = ("all_gather", "all_to_all", "ring")
+CAUSAL = True  # language-model training: every pattern causal (zigzag balances the ranks)
 
 
 @dataclasses.dataclass
@@ -70,16 +70,6 @@ class Setting:
     layout: str = "zigzag"
 
 
-def region(spec):
-    if spec is None:
-        return None
-    return dilated(spec) if isinstance(spec, DilatedSpec) else block_sparse(spec)
-
-
-def causal_of(name: str) -> bool:
-    return True  # language-model training: every pattern causal (zigzag balances the ranks)
-
-
 def serves(strategy: str, spec) -> bool:
     return not (strategy == "ring" and isinstance(spec, DilatedSpec))
 
@@ -87,7 +77,7 @@ def serves(strategy: str, spec) -> bool:
 def attend(spec, q, k, v, causal: bool, strategy: str | None, layout: str) -> torch.Tensor:
     """This rank's rows (``strategy``: inside ``sequence_parallel``), or the single-GPU op."""
     def sdpa():
-        inner = region(spec)
+        inner = None if spec is None else family_of_spec(spec).region(spec)
         if inner is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         with inner:
@@ -185,7 +175,7 @@ def bytes_per_call(fn, inputs, backward: bool) -> int:
 def check(setting: Setting, name: str, strategy: str, per_rank: int) -> float:
     """Max relative error (outputs and input gradients, every rank) against the single-GPU op on
     the gathered sequence."""
-    spec, causal = setting.patterns[name], causal_of(name)
+    spec, causal = setting.patterns[name], CAUSAL
     world = dist.get_world_size()
     n = per_rank * world
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -209,7 +199,7 @@ def check(setting: Setting, name: str, strategy: str, per_rank: int) -> float:
 
 def run_row(setting: Setting, name: str, strategy: str, per_rank: int, reps: int, check_per_rank: int,
             context_parallel_too: bool) -> dict:
-    spec, causal = setting.patterns[name], causal_of(name)
+    spec, causal = setting.patterns[name], CAUSAL
     world = dist.get_world_size()
     n = per_rank * world
     row = {"pattern": name, "strategy": strategy, "world": world, "per_rank": per_rank, "n": n}

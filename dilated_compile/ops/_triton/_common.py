@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .tuning import autotune_mode, select
+from .tuning import select
 
 LOG2E = 1.4426950408889634
 # Kernels read module globals only as constexprs.
@@ -41,12 +41,6 @@ def _launcher(kernel):
     return kernel if _interpreting() else wrap_triton(kernel)
 
 
-def _autotuning() -> bool:
-    """``DILATED_COMPILE_AUTOTUNE=0`` keeps each kernel to its first (default) config: no
-    tuning runs at the first call of each shape class, for a fast start (tests, debugging)."""
-    return autotune_mode() != "0"
-
-
 def launch_tuned(name: str, grid, *args, **kwargs) -> None:
     """Launch the registered kernel ``name`` (``tuning.tuned``) on ``grid`` with the config
     ``tuning.select`` picks: the shipped one for this GPU, else the autotuner's."""
@@ -55,12 +49,11 @@ def launch_tuned(name: str, grid, *args, **kwargs) -> None:
 
 
 def _configs(shapes: Sequence[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, the default first;
-    under the CPU interpreter one small config, since every program step costs milliseconds."""
+    """Autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, the default first
+    (what ``DILATED_COMPILE_AUTOTUNE=0`` launches: ``tuning.select``); under the CPU interpreter
+    one small config, since every program step costs milliseconds."""
     if _interpreting():
         shapes = [(16, 16, 1, 1)]
-    elif not _autotuning():
-        shapes = shapes[:1]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
         for m, n, warps, stages in shapes

@@ -21,7 +21,7 @@ from dilated_compile import BlockSparseSpec
 from dilated_compile.ops._block_layout import build_block_index
 from dilated_compile.ops._checks import expand_attn_mask
 from dilated_compile.ops._triton import block_sparse_attention as kernels
-from dilated_compile.testing import count_matrix
+from dilated_compile.testing import count_matrix, dense_reference
 # The dilated kernels' tests check the same outputs against the same reference: their helpers
 # (reference, comparison, masks, keys no query attends) take any spec dense_reference takes.
 from test_triton_kernels import (
@@ -140,12 +140,13 @@ def test_kernels_match_float64_reference(case, dtype):
         assert torch.all(grad.cpu()[zero_at] == 0)
 
 
-def _run_kernels(spec, is_causal, tensors, mask, dtype):
+def _run_kernels(spec, is_causal, tensors, mask, dtype, scale=None):
     """out, lse and (dq, dk, dv) of the kernels on ``tensors`` (q, k, v, dL/dout, dL/dlse), with
     ``mask`` handed over as the op hands it: a 4-D view."""
     q, k, v, grad_out, grad_lse = (t.to(DEVICE, dtype) for t in tensors)
     view = None if mask is None else expand_attn_mask(mask.to(DEVICE), q, k)
-    args = (*_pattern_args(spec, is_causal, q.shape[-1] ** -0.5), view)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    args = (*_pattern_args(spec, is_causal, scale), view)
     out, lse = kernels.forward(q, k, v, *args)
     # dL/dlse stays nonzero on empty rows: their gradients must still be exactly zero.
     return out, lse, kernels.backward(grad_out, q, k, v, out, lse, grad_lse.float(), *args)
@@ -164,6 +165,25 @@ def test_cases_cover_what_they_name():
         _, _, hq, _, nq, nk, _, _, spec, is_causal, _ = case
         index = build_block_index(*_pattern_args(spec, is_causal, 1.0)[:6], hq, nq, nk, is_causal, "cpu")
         assert index.dense_rows > 0 and kernels._dense_split(index, is_causal)[0] > 1
+
+
+@runs_kernels
+@pytest.mark.parametrize("scale", [-8.0, 0.0, 1.5])
+def test_kernels_take_any_scale(scale):
+    """A positive scale is applied inside the forward's exponent; zero and negative scales, which
+    that would get wrong, keep the scaled scores (see the dilated kernels' test)."""
+    _, b, hq, hkv, nq, nk, d, dv, spec, is_causal, _ = next(c for c in CASES if c[0] == "tail-causal")
+    g = torch.Generator().manual_seed(4)
+    shapes = ((b, hq, nq, d), (b, hkv, nk, d), (b, hkv, nk, dv), (b, hq, nq, dv), (b, hq, nq))
+    tensors = [torch.randn(s, generator=g, dtype=torch.float64).float().double() for s in shapes]
+    leaves = [t.clone().requires_grad_() for t in tensors[:3]]
+    ref_out, ref_lse = dense_reference(*leaves, spec, is_causal=is_causal, scale=scale,
+                                       enable_gqa=True, return_lse=True)
+    loss = (ref_out * tensors[3]).sum() + (ref_lse * tensors[4]).sum()
+    ref_grads = torch.autograd.grad(loss, leaves)
+    out, lse, grads = _run_kernels(spec, is_causal, tensors, None, torch.float32, scale=scale)
+    _assert_matches(out, lse, grads, ref_out, ref_lse, ref_grads, torch.float32,
+                    tol=2e-6 * max(1.0, abs(scale)))
 
 
 @runs_kernels

@@ -51,6 +51,8 @@ CASES = [
     (1, 3, 1, 29, 32, 32, (64, 7), (3, 2), "mixture"),  # w > N, MQA, rates > heads
     (1, 5, 5, 50, 32, 32, (8, 16, 64), (1, 2, 4), "head_groups"),  # uneven groups
     (1, 6, 3, 33, 32, 32, (16, 32), (2, 3), "head_groups"),  # GQA across groups
+    # five groups: the query-side kernels launch four parts at once, then the fifth alone
+    (1, 7, 7, 70, 32, 32, (4, 8, 16, 32, 64), (1, 1, 2, 2, 4), "head_groups"),
 ]
 DTYPES = {torch.float32: 2e-6, torch.float16: 2e-3}
 
@@ -110,8 +112,8 @@ def test_kernels_match_float64_reference(case, dtype, is_causal):
     _assert_matches(out, lse, grads, ref_out, ref_lse, ref_grads, dtype)
 
 
-def _assert_matches(out, lse, grads, ref_out, ref_lse, ref_grads, dtype):
-    tol = DTYPES[dtype]
+def _assert_matches(out, lse, grads, ref_out, ref_lse, ref_grads, dtype, tol=None):
+    tol = DTYPES[dtype] if tol is None else tol
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert _relative_error(out, ref_out) < tol
     finite = torch.isfinite(ref_lse)
@@ -130,6 +132,47 @@ def test_launch_plan_puts_a_rate_one_config_first():
     assert [launch.rate for launch in launches] == [1, 2, 4]
     groups = kernels.plan_launches([8, 16, 32], [1, 2, 4], "head_groups", 5)
     assert [(g.head_lo, g.head_count, g.fixed_offset) for g in groups] == [(0, 2, 0), (2, 2, 1), (4, 1, 2)]
+
+
+def test_query_launches_group_head_parts():
+    """head_groups parts share the query-side launches four at a time; mixture configs do not
+    (their launches merge one after another)."""
+    parts = kernels.plan_launches([4, 8, 16, 32, 64], [1, 1, 2, 2, 4], "head_groups", 7)
+    grouped = kernels._QueryLaunch.plan(parts, "head_groups", 70, 70)
+    assert [len(g.parts) for g in grouped] == [4, 1]
+    head_lo, head_count, seg_len, rate, offset, bucket, *extra = grouped[0].args()
+    assert (head_lo, head_count, seg_len, rate, offset, bucket) == (0, 6, 4, 1, 0, 16)
+    assert extra == [2, 8, 1, 0, 4, 16, 2, 0, 5, 32, 2, 1]
+    assert grouped[0].grid(2)({"BLOCK_M": 4}) == (4, 18, 12)  # 16 rows / 4; 70 / 4 segments
+    mixture = kernels.plan_launches([8, 16, 32], [1, 2, 4], "mixture", 4)
+    assert [len(g.parts) for g in kernels._QueryLaunch.plan(mixture, "mixture", 45, 45)] == [1, 1, 1]
+
+
+@runs_kernels
+@pytest.mark.parametrize("scale", [-8.0, 0.0, 1.5])
+def test_kernels_take_any_scale(scale):
+    """A positive scale is applied inside the forward's exponent (the row maximum taken on the
+    raw products); zero and negative scales, which that would get wrong (NaN from a masked -inf
+    times 0; a row "maximum" that is the minimum, overflowing exp2 at this scale), keep the
+    scaled scores. Float32 rounding grows with |scale|, hence the tolerance."""
+    case = CASES[1]
+    *_, segment_lengths, dilation_rates, mode = case
+    spec = DilatedSpec(segment_lengths, dilation_rates, mode)
+    q, k, v = _inputs(case, seed=11)
+    q, k, v = (t.float().double() for t in (q, k, v))
+    g = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(q.shape[:-1] + v.shape[-1:], generator=g, dtype=torch.float64)
+    grad_lse = torch.randn(q.shape[:-1], generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = dense_reference(*leaves, spec, is_causal=True, scale=scale, enable_gqa=True,
+                                       return_lse=True)
+    ref_grads = torch.autograd.grad((ref_out * grad_out).sum() + (ref_lse * grad_lse).sum(), leaves)
+    args = (list(segment_lengths), list(dilation_rates), mode, True, scale)
+    dq_, kd, vd, god = (t.to(DEVICE, torch.float32) for t in (q, k, v, grad_out))
+    out, lse = kernels.forward(dq_, kd, vd, *args)
+    grads = kernels.backward(god, dq_, kd, vd, out, lse, grad_lse.to(DEVICE, torch.float32), *args)
+    _assert_matches(out, lse, grads, ref_out, ref_lse, ref_grads, torch.float32,
+                    tol=2e-6 * max(1.0, abs(scale)))
 
 
 @runs_kernels

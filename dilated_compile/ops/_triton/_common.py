@@ -151,6 +151,42 @@ def _finite_or_zero(x, GUARD: tl.constexpr):
 
 
 @triton.jit
+def _scores(qk, scale_log2, RAW: tl.constexpr):
+    """A forward's score tile from the products ``qk``: left raw when ``RAW`` (the scale is then
+    applied inside ``_online_softmax``'s exponent), else in the log2 domain."""
+    if not RAW:
+        qk = qk * scale_log2
+    return qk
+
+
+@triton.jit
+def _online_softmax(acc, l_i, m_i, s, v, scale_log2, RAW: tl.constexpr, GUARD: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """One key tile of the forward's online softmax: fold scores ``s`` ``[BLOCK_M, BLOCK_N]``
+    (-inf where removed) and values ``v`` ``[BLOCK_N, Dv]`` into (acc, l_i, m_i).
+
+    ``RAW``: ``s`` holds the raw products and the scale is applied in the exponent, one fused
+    multiply-add per score instead of a multiply and a subtract: the score's elementwise work,
+    not the matrix products, bounds a head-dim-64 tile on Hopper. Only for a positive scale
+    (the row maximum commutes with it, and -inf stays -inf) and scores with no mask term
+    (``launch_flags``). ``GUARD``: rows may have kept no key yet (with a mask). The output is
+    accumulated inside the product (``tl.dot``'s accumulator operand)."""
+    row_max = tl.max(s, 1)
+    if RAW:
+        row_max = row_max * scale_log2
+    m_new = tl.maximum(m_i, row_max)
+    m_base = _finite_or_zero(m_new, GUARD)
+    if RAW:
+        p = tl.math.exp2(s * scale_log2 - m_base[:, None])
+    else:
+        p = tl.math.exp2(s - m_base[:, None])
+    alpha = tl.math.exp2(m_i - m_base)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _empty_rows_give_zero(lse2, GUARD: tl.constexpr):
     """The backward's lse with -inf (a row that kept no key) replaced by +inf, so every
     ``exp2(s - lse)`` of that row is 0 rather than inf or NaN."""

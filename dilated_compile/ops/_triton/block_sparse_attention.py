@@ -45,7 +45,7 @@ from .._block_layout import BlockIndex, cached_block_index
 from ._common import LOG2E, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, jit_with_scalars, launch_delta
 from ._common import _LN2, _LOG2E, _bias_of, _configs, _dot_precision, _empty_rows_give_zero
 from ._common import _finite_or_zero, _interpreting, _launcher, _mask_base, _mask_bias, _mask_tile
-from ._common import _probs, launch_tuned, mask_operand
+from ._common import _online_softmax, _probs, _scores, launch_tuned, mask_operand
 from .tuning import tuned
 
 #: Block sizes the kernels tile (powers of two: every tile size divides them).
@@ -219,13 +219,14 @@ def _fwd_tile(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, key0, on_edge, q_pos, offs_n, m_valid, mask_rows, mask_keys,
     N, skn, svn, smk, scale_log2, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    RAW: tl.constexpr,
 ):
     """One online-softmax step over the keys ``key0 + offs_n``. ``on_edge`` (the row's last
     block): apply the bounds and causal masks; a branch uniform over the program, so the other
-    steps pay nothing for it."""
+    steps pay nothing for it. ``RAW``: see ``_online_softmax``."""
     keys = key0 + offs_n
     k, v = _load_keys(k_ptrs, v_ptrs, key0, keys, N, skn, svn, K_TRANSPOSED=True)
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+    s = _scores(tl.dot(q, k, input_precision=DOT_PRECISION), scale_log2, RAW)
     if on_edge:
         s = tl.where(_edge_keep(keys, q_pos, N, IS_CAUSAL), s, float("-inf"))
     if HAS_MASK:
@@ -234,13 +235,7 @@ def _fwd_tile(
     # Without a mask the maximum is finite: every query row keeps the first key of its row's
     # first block (the last block's first tile holds a key at or before every query). A mask
     # can empty a row, hence the guarded base.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_base = _finite_or_zero(m_new, HAS_MASK)
-    p = tl.math.exp2(s - m_base[:, None])
-    alpha = tl.math.exp2(m_i - m_base)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    return _online_softmax(acc, l_i, m_i, s, v, scale_log2, RAW, HAS_MASK, DOT_PRECISION)
 
 
 @_jit
@@ -253,7 +248,7 @@ def block_sparse_attention_fwd_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr, SPLIT_DENSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Out ``[B, Hq, NQ, Dv]`` and Lse ``[B, Hq, NQ]`` (natural log, -inf on rows that keep no
     key) of one tile of ``BLOCK_M`` query positions. ``SPLIT_DENSE``: a global row's tile walks
@@ -285,7 +280,8 @@ def block_sparse_attention_fwd_kernel(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, _step_start(idx, it, BLOCK_SIZE, BLOCK_N), it >= full,
             q_pos, offs_n, m_valid, mask_rows, mask_keys, N, skn, svn, smk, scale_log2,
             IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
-            MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY)
+            MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY,
+            RAW=FUSED_SCALE and not HAS_MASK)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that kept no key: out 0, lse -inf + log2(1)
     out = acc / l_i[:, None]
@@ -675,7 +671,7 @@ def forward(q, k, v, block_size, local_blocks, global_blocks, random_blocks, see
         _head_stride(index.kv_counts), index.kv_counts.stride(1),
         seq_k, seq_q, heads, num_heads, num_heads // num_kv_heads, index.first_block,
         index.dense_rows, splits, chunk, scale * LOG2E, HEAD_DIM_V=head_dim_v,
-        SPLIT_DENSE=not is_causal, **constexprs,
+        SPLIT_DENSE=not is_causal, FUSED_SCALE=scale > 0, **constexprs,
     )
     if not is_causal:
         rows_per_program = 64 if not _interpreting() else 16

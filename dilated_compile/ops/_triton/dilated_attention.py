@@ -1,15 +1,18 @@
 """Triton kernels for dilated attention (forward, backward) and their launchers.
 
-One launch attends one config (mixture: every head, offset ``h mod r``) or one head group
-(head_groups: its heads, one fixed offset). A program takes ``BLOCK_M`` consecutive *dilated*
-rows of one segment — positions ``s*w + o + j*r`` — and walks that segment's dilated key rows
-through strided pointers: no gather copies, and the score tile is the dense tile of the
-segment's dilated sub-problem, so no block is partly wasted the way a block mask would waste it.
+One launch attends one config (mixture: every head, offset ``h mod r``) or head groups
+(head_groups: each its heads, one fixed offset; up to four groups per query-side launch). A
+program takes ``BLOCK_M`` consecutive *dilated* rows of one segment — positions
+``s*w + o + j*r`` — and walks that segment's dilated key rows through strided pointers: no
+gather copies, and the score tile is the dense tile of the segment's dilated sub-problem, so no
+block is partly wasted the way a block mask would waste it.
 
 Configs are merged by log-sum-exp inside the forward kernel: a launch reads the running fp32
-output and lse of its rows, merges its own (already normalised) result and writes them back.
-Launches of one call run one after another on one stream, so every row has one writer at a
-time and the result is deterministic. The backward is FlashAttention-2 style with the *final*
+output and lse of its rows, merges its own (already normalised) result and writes them back; a
+rate-1 config over every head runs last and writes the output in its final dtype. Launches of
+one call run one after another on one stream, so every row has one writer at a time and the
+result is deterministic. head_groups' query-side kernels take up to four groups per launch
+(``PARTS``: each head finds its group's config). The backward is FlashAttention-2 style with the *final*
 lse and Delta = rowsum(dO * O) - dL/dlse: each config's share of dq (per query block) and of
 dk/dv (per key block, summing the query heads of a GQA group inside the program) is computed
 without atomics and added into fp32 accumulators, again one launch at a time.
@@ -32,6 +35,7 @@ returns is the natural-log one, converted at the boundary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -53,7 +57,9 @@ from ._common import (
     _mask_base,
     _mask_bias,
     _mask_tile,
+    _online_softmax,
     _probs,
+    _scores,
     jit_with_scalars,
     launch_tuned,
     launch_delta,
@@ -72,6 +78,7 @@ _TUNE_KEY = ["rows_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "HAS_MASK", "
 _SCALARS = [
     "N", "NQ", "head_lo", "head_count", "kv_group", "seg_len", "rate", "fixed_offset", "rows_bucket",
     "num_heads", "num_kv_heads", "kv_lo", "kv_count", "num_offsets",
+    "lo1", "w1", "r1", "o1", "lo2", "w2", "r2", "o2", "lo3", "w3", "r3", "o3",
 ]
 
 _jit = jit_with_scalars(_SCALARS)
@@ -136,17 +143,44 @@ def _valid_rows(rows, first, n_rows, QUERY_TAIL: tl.constexpr):
 
 
 @triton.jit
-def _query_program(N, NQ, head_lo, head_count, seg_len, rate, fixed_offset,
-                   BLOCK_M: tl.constexpr, QUERY_TAIL: tl.constexpr):
+def _part_of(h, seg_len, rate, fixed_offset, lo1, w1, r1, o1, lo2, w2, r2, o2, lo3, w3, r3, o3,
+             PARTS: tl.constexpr):
+    """The config (segment length, rate, offset) of head ``h`` in a launch of ``PARTS`` head
+    parts: part 0's are the launch's own scalars, parts 1, 2, 3 start at heads ``lo1``, ``lo2``,
+    ``lo3`` with theirs (head_groups: each part a contiguous run of heads, ``launch_parts``)."""
+    if PARTS > 1:
+        if h >= lo1:
+            seg_len, rate, fixed_offset = w1, r1, o1
+    if PARTS > 2:
+        if h >= lo2:
+            seg_len, rate, fixed_offset = w2, r2, o2
+    if PARTS > 3:
+        if h >= lo3:
+            seg_len, rate, fixed_offset = w3, r3, o3
+    return seg_len, rate, fixed_offset
+
+
+@triton.jit
+def _query_program(N, NQ, head_lo, head_count, seg_len, rate, fixed_offset, lo1, w1, r1, o1,
+                   lo2, w2, r2, o2, lo3, w3, r3, o3, BLOCK_M: tl.constexpr,
+                   QUERY_TAIL: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTS: tl.constexpr):
     """The query-side program's place, from its ids (block of dilated rows, segment, batch x
     head): (row block, batch, head, first position and number of the segment's dilated rows,
-    first query row, position of the first query). Row blocks stay aligned to ``BLOCK_M`` within
-    the segment, so the causal split below still starts on a block boundary."""
+    first query row, position of the first query, the head's rate). Row blocks stay aligned to
+    ``BLOCK_M`` within the segment, so the causal split below still starts on a block boundary.
+    Causal programs take their segment's blocks last first: block ``j`` walks ``j + 1`` key
+    blocks, and starting the long ones first leaves short ones, not long ones, to fill the
+    launch's last wave. With several head parts (``_part_of``) the grid spans the largest
+    part's blocks and segments; a smaller part's programs beyond its own return at once."""
     pid_m = tl.program_id(0)
-    seg, q_off = _segment_of(tl.program_id(1), N, NQ, seg_len, QUERY_TAIL)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(2)
     b = pid_bh // head_count
     h = head_lo + pid_bh % head_count
+    seg_len, rate, fixed_offset = _part_of(h, seg_len, rate, fixed_offset, lo1, w1, r1, o1, lo2,
+                                           w2, r2, o2, lo3, w3, r3, o3, PARTS)
+    seg, q_off = _segment_of(tl.program_id(1), N, NQ, seg_len, QUERY_TAIL)
     offset = fixed_offset if fixed_offset >= 0 else h % rate
     row0, n_rows = _segment_rows(seg, seg_len, N, offset, rate)
     if QUERY_TAIL:
@@ -155,7 +189,7 @@ def _query_program(N, NQ, head_lo, head_count, seg_len, rate, fixed_offset,
     else:
         first = 0
         block = pid_m
-    return block, b, h, row0, n_rows, first, q_off
+    return block, b, h, row0, n_rows, first, q_off, rate
 
 
 @triton.jit
@@ -205,11 +239,12 @@ def _fwd_keys(
     offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, full_end, hi, scale_log2,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
     APPLY_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    RAW: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The forward's online softmax over the key rows ``[0, hi)`` of a program's segment: the
     blocks before ``full_end`` need no bounds or causal check, the rest do. ``APPLY_MASK``: read
-    and add the mask (``HAS_MASK`` alone keeps the guards for rows a mask may empty)."""
+    and add the mask (``HAS_MASK`` alone keeps the guards for rows a mask may empty).
+    ``RAW``: scores stay raw products, the scale applied in the exponent (``_online_softmax``)."""
     if APPLY_MASK:
         # Each tile's entries are loaded one tile ahead, so the load's latency hides behind a
         # tile of work: the pipeliner prefetches only the loads that feed a dot.
@@ -218,25 +253,22 @@ def _fwd_keys(
     for start_n in range(0, full_end, BLOCK_N):
         cols = start_n + offs_n
         k = tl.load(k_base + cols[None, :] * k_step + offs_d[:, None] * skd)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd)
+        s = _scores(tl.dot(q, k, input_precision=DOT_PRECISION), scale_log2, RAW)
         if APPLY_MASK:
             s += _bias_of(mask_next, MASK_BOOL)
             mask_next = _mask_tile(mask_rows, mask_keys, start_n + BLOCK_N, offs_n, n_rows, rate,
                                    smk, m_valid, MASK_PER_QUERY)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_base = _finite_or_zero(m_new, HAS_MASK)
-        p = tl.math.exp2(s - m_base[:, None])
-        alpha = tl.math.exp2(m_i - m_base)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, scale_log2, RAW, HAS_MASK,
+                                        DOT_PRECISION)
     for start_n in range(full_end, hi, BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < n_rows
         k = tl.load(k_base + cols[None, :] * k_step + offs_d[:, None] * skd,
                     mask=n_valid[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd,
+                    mask=n_valid[:, None], other=0.0)
+        s = _scores(tl.dot(q, k, input_precision=DOT_PRECISION), scale_log2, RAW)
         keep = n_valid[None, :]
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None])
@@ -245,35 +277,36 @@ def _fwd_keys(
             s += _bias_of(mask_next, MASK_BOOL)
             mask_next = _mask_tile(mask_rows, mask_keys, start_n + BLOCK_N, offs_n, n_rows, rate,
                                    smk, m_valid, MASK_PER_QUERY)
-        # Without a mask m_new is finite: every row keeps key 0 of its first block (itself or
-        # an earlier row); a mask can empty a row, hence the guarded base.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_base = _finite_or_zero(m_new, HAS_MASK)
-        p = tl.math.exp2(s - m_base[:, None])
-        alpha = tl.math.exp2(m_i - m_base)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd,
-                    mask=n_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # Without a mask the row maximum is finite: every row keeps key 0 of its first block
+        # (itself or an earlier row); a mask can empty a row, hence the guarded base.
+        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, scale_log2, RAW, HAS_MASK,
+                                        DOT_PRECISION)
     return acc, l_i, m_i
 
 
 @_jit
 def dilated_attention_fwd_kernel(
-    Q, K, V, Out, Lse, Mask, Counts,
+    Q, K, V, Out, Prev, Lse, Mask, Counts,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sob, soh, son, sod, slb, slh, sln, smb, smh, smq, smk, scb, sch,
     N, NQ, head_lo, head_count, kv_group, seg_len, rate, fixed_offset, scale_log2, rows_bucket,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    lo1, w1, r1, o1, lo2, w2, r2, o2, lo3, w3, r3, o3,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTS: tl.constexpr,
     MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUERY_TAIL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
-    SPAN_FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPAN_FILTER: tl.constexpr, FUSED_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
+    """Out and Lse of one block of a segment's dilated query rows for this launch's config.
+    ``MERGE``: merge by log-sum-exp with the running result of earlier launches, read from
+    ``Prev`` (fp32, Out's strides; Out itself, or the fp32 buffer when this last launch writes
+    the final dtype) and Lse, where Lse is not -inf (a row no launch has written yet: Prev
+    unread there). ``FUSED_SCALE``: the scale is positive (``_online_softmax``'s ``RAW``)."""
     # Inductor may pass the scale as a float64 scalar; keep the softmax state in float32.
     scale_log2 = tl.cast(scale_log2, tl.float32)
-    block, b, h, row0, n_rows, first, q_off = _query_program(
-        N, NQ, head_lo, head_count, seg_len, rate, fixed_offset, BLOCK_M, QUERY_TAIL)
+    block, b, h, row0, n_rows, first, q_off, rate = _query_program(
+        N, NQ, head_lo, head_count, seg_len, rate, fixed_offset, lo1, w1, r1, o1, lo2, w2, r2, o2,
+        lo3, w3, r3, o3, BLOCK_M, QUERY_TAIL, IS_CAUSAL, PARTS)
     if block * BLOCK_M >= n_rows:
         return
     kvh = h // kv_group
@@ -321,7 +354,8 @@ def dilated_attention_fwd_kernel(
         smk, offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, full_end, hi, scale_log2,
         IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
         APPLY_MASK=HAS_MASK and SPAN_FILTER != 1, MASK_BOOL=MASK_BOOL,
-        MASK_PER_QUERY=MASK_PER_QUERY, BLOCK_N=BLOCK_N)
+        MASK_PER_QUERY=MASK_PER_QUERY, RAW=FUSED_SCALE and not (HAS_MASK and SPAN_FILTER != 1),
+        BLOCK_N=BLOCK_N)
 
     if HAS_MASK:  # a row that kept no key: out 0, lse -inf + log2(1) = -inf
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -331,12 +365,14 @@ def dilated_attention_fwd_kernel(
     l_ptrs = Lse + b * slb + h * slh + q_rows * sln
     if MERGE:
         # Log-sum-exp merge with what earlier configs wrote for these rows (-inf: nothing yet).
-        old2 = tl.load(l_ptrs, mask=m_valid, other=0.0) * _LOG2E
+        old2 = tl.load(l_ptrs, mask=m_valid, other=float("-inf")) * _LOG2E
         new2 = tl.maximum(old2, lse2)
         top = _finite_or_zero(new2, HAS_MASK)
         new2 = top + tl.math.log2(tl.math.exp2(old2 - top) + tl.math.exp2(lse2 - top))
         norm = _finite_or_zero(new2, HAS_MASK)
-        old_out = tl.load(o_ptrs, mask=m_valid[:, None], other=0.0)
+        written = m_valid & (old2 != float("-inf"))
+        old_out = tl.load(Prev + b * sob + h * soh + q_rows[:, None] * son + offs_dv[None, :] * sod,
+                          mask=written[:, None], other=0.0)
         out = old_out * tl.math.exp2(old2 - norm)[:, None] + out * tl.math.exp2(lse2 - norm)[:, None]
         lse2 = new2
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None])
@@ -384,8 +420,8 @@ def dilated_attention_bwd_dq_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sgb, sgh, sgn, sgd, slb, slh, sln, smb, smh, smq, smk, scb, sch,
     N, NQ, num_heads, head_lo, head_count, kv_group, seg_len, rate, fixed_offset, scale_log2,
-    rows_bucket,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    rows_bucket, lo1, w1, r1, o1, lo2, w2, r2, o2, lo3, w3, r3, o3,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTS: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUERY_TAIL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
     SPAN_FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -394,8 +430,9 @@ def dilated_attention_bwd_dq_kernel(
     q's dtype, or the fp32 buffer's first write). DQ is contiguous [B, Hq, NQ, D]."""
     # Inductor may pass the scale as a float64 scalar; keep the softmax state in float32.
     scale_log2 = tl.cast(scale_log2, tl.float32)
-    block, b, h, row0, n_rows, first, q_off = _query_program(
-        N, NQ, head_lo, head_count, seg_len, rate, fixed_offset, BLOCK_M, QUERY_TAIL)
+    block, b, h, row0, n_rows, first, q_off, rate = _query_program(
+        N, NQ, head_lo, head_count, seg_len, rate, fixed_offset, lo1, w1, r1, o1, lo2, w2, r2, o2,
+        lo3, w3, r3, o3, BLOCK_M, QUERY_TAIL, IS_CAUSAL, PARTS)
     if block * BLOCK_M >= n_rows:
         return
     kvh = h // kv_group
@@ -613,7 +650,9 @@ def plan_launches(
     segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str, num_heads: int
 ) -> list[Launch]:
     """The launches of one call. Mixture: one per config, every head; the first config with
-    rate 1 (if any) goes first, since it covers every row and can write without merging."""
+    rate 1 (if any) goes first, since it covers every row and the backward's first launch can
+    then write without reading (the forward moves it last instead: ``forward``).
+    head_groups: one per group (``_QueryLaunch`` runs up to four of them in one launch)."""
     if mode == "mixture":
         launches = [Launch(w, r, 0, num_heads, -1) for w, r in zip(segment_lengths, dilation_rates)]
         launches.sort(key=lambda launch: launch.rate != 1)  # stable: keeps the spec's order otherwise
@@ -634,6 +673,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.shape[-1] in SUPPORTED_HEAD_DIMS
         and v.shape[-1] in SUPPORTED_HEAD_DIMS
     )
+
+
+def _covers_every_row(num_heads: int):
+    """Whether a launch writes every query row: a rate-1 config over every head."""
+    return lambda launch: launch.rate == 1 and launch.head_count == num_heads
 
 
 def _rows_bucket(launch: Launch) -> int:
@@ -665,6 +709,48 @@ class _Geometry:
         if not self.query_tail:
             return triton.cdiv(self.max_rows, block)
         return torch.sym_min(triton.cdiv(self.max_rows, block), triton.cdiv(self.query_rows, block) + 1)
+
+
+# head_groups: up to this many head parts share one launch (``_part_of``).
+_PARTS_PER_LAUNCH = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class _QueryLaunch:
+    """One launch of the query-side kernels (forward, dq) over one or more head parts: a
+    mixture config alone (its launches merge one after another), or up to
+    ``_PARTS_PER_LAUNCH`` head_groups parts at once. Their heads are disjoint, so one launch
+    has one writer per row, and one launch instead of one per group costs the host one launch's
+    issue and the GPU one last wave instead of several (a part's work alone fills few waves)."""
+
+    parts: tuple[Launch, ...]
+    geometries: tuple[_Geometry, ...]
+
+    @staticmethod
+    def plan(launches: list[Launch], mode: str, seq_q, seq_k) -> list[_QueryLaunch]:
+        size = _PARTS_PER_LAUNCH if mode == "head_groups" else 1
+        groups = [tuple(launches[i:i + size]) for i in range(0, len(launches), size)]
+        return [_QueryLaunch(g, tuple(_Geometry.of(p, seq_q, seq_k) for p in g)) for g in groups]
+
+    def args(self) -> tuple:
+        """head_lo, head_count, seg_len, rate, fixed_offset, rows_bucket, then (first head,
+        segment length, rate, offset) of parts 1-3 (zeros where absent)."""
+        first, geo = self.parts[0], self.geometries[0]
+        extra = []
+        for part, g in zip(self.parts[1:], self.geometries[1:]):
+            extra += [part.head_lo, g.seg_len, part.rate, part.fixed_offset]
+        extra += [0] * (4 * (_PARTS_PER_LAUNCH - 1) - len(extra))
+        last = self.parts[-1]
+        return (first.head_lo, last.head_lo + last.head_count - first.head_lo, geo.seg_len,
+                first.rate, first.fixed_offset, max(_rows_bucket(p) for p in self.parts), *extra)
+
+    def grid(self, batch: int):
+        heads = batch * (self.parts[-1].head_lo + self.parts[-1].head_count - self.parts[0].head_lo)
+        return lambda meta: (
+            functools.reduce(torch.sym_max, [g.row_blocks(meta["BLOCK_M"]) for g in self.geometries]),
+            functools.reduce(torch.sym_max, [g.num_segments for g in self.geometries]),
+            heads,
+        )
 
 
 def _key_counts(keys: torch.Tensor) -> torch.Tensor:
@@ -714,45 +800,48 @@ def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, at
     if seq_q == 0:
         return q.new_empty(batch, num_heads, 0, head_dim_v), q.new_empty(lse_shape, dtype=torch.float32)
     launches = plan_launches(segment_lengths, dilation_rates, mode, num_heads)
-    # A rate-1 config over every head writes every query row (masked rows too: 0 and -inf).
-    every_row_covered = launches[0].rate == 1 and launches[0].head_count == num_heads
     merging = len(launches) > 1 and mode == "mixture"
+    shape = (batch, num_heads, seq_q, head_dim_v)
     if merging:
-        # fp32 running output; the first launch (rate 1) overwrites it, else start from zero.
-        alloc = torch.empty if every_row_covered else torch.zeros
-        acc = alloc(batch, num_heads, seq_q, head_dim_v, device=q.device, dtype=torch.float32)
-    elif every_row_covered:
-        acc = torch.empty(batch, num_heads, seq_q, head_dim_v, device=q.device, dtype=q.dtype)
-    else:  # rows no launch writes are 0, with lse -inf
-        acc = torch.zeros(batch, num_heads, seq_q, head_dim_v, device=q.device, dtype=q.dtype)
-    if every_row_covered:
-        lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
-    else:
+        # Configs merge into an fp32 running result, each launch reading it where the lse says
+        # an earlier one wrote. A rate-1 config over every head goes last: it reaches every row,
+        # so it writes the final output in q's dtype as it merges (no cast pass afterwards);
+        # without one the running result is cast at the end, rows no config reaches staying 0.
+        launches.sort(key=_covers_every_row(num_heads))  # stable: the spec's order otherwise
+        final_writes = _covers_every_row(num_heads)(launches[-1])
+        running = (torch.empty if final_writes else torch.zeros)(
+            shape, device=q.device, dtype=torch.float32)
+        direct = final_writes and q.dtype != torch.float32
+        out = torch.empty(shape, device=q.device, dtype=q.dtype) if direct else running
         lse = torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32)
+    else:  # one launch per row: each writes its rows in q's dtype
+        every_row_covered = _covers_every_row(num_heads)(launches[0])
+        alloc = torch.empty if every_row_covered else torch.zeros  # rows no launch writes: 0
+        out = running = alloc(shape, device=q.device, dtype=q.dtype)
+        lse = (torch.empty(lse_shape, device=q.device, dtype=torch.float32) if every_row_covered
+               else torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32))
     mask, mask_strides, counts, count_strides, mask_flags = _mask_args(attn_mask, q)
     # Key padding: two launches per config (SPAN_FILTER); they share every row's one writer.
     filters = (0,) if counts is None else (1, 2)
 
-    for index, launch in enumerate(launches):
-        geo = _Geometry.of(launch, seq_q, seq_k)
-        grid = lambda meta, geo=geo, heads=batch * launch.head_count: (
-            geo.row_blocks(meta["BLOCK_M"]), geo.num_segments, heads,
-        )
+    query_launches = _QueryLaunch.plan(launches, mode, seq_q, seq_k)
+    for index, group in enumerate(query_launches):
+        head_lo, head_count, seg_len, rate, fixed_offset, rows_bucket, *parts = group.args()
+        target = out if index == len(query_launches) - 1 else running
         for span_filter in filters:
             launch_tuned(
-                _FWD[q.dtype == torch.float32], grid,
-                q, k, v, acc, lse, mask, q if counts is None else counts,
-                *q.stride(), *k.stride(), *v.stride(), *acc.stride(), *lse.stride(), *mask_strides,
+                _FWD[q.dtype == torch.float32], group.grid(batch),
+                q, k, v, target, running, lse, mask, q if counts is None else counts,
+                *q.stride(), *k.stride(), *v.stride(), *target.stride(), *lse.stride(), *mask_strides,
                 *count_strides,
-                seq_k, seq_q, launch.head_lo, launch.head_count, num_heads // k.shape[1],
-                geo.seg_len, launch.rate, launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
+                seq_k, seq_q, head_lo, head_count, num_heads // k.shape[1],
+                seg_len, rate, fixed_offset, scale * LOG2E, rows_bucket, *parts,
                 HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, IS_CAUSAL=is_causal,
-                MERGE=merging and (index > 0 or not every_row_covered),
+                PARTS=len(group.parts), MERGE=merging and index > 0,
                 DOT_PRECISION=_dot_precision(q.dtype), QUERY_TAIL=seq_q != seq_k,
-                SPAN_FILTER=span_filter, **mask_flags,
+                SPAN_FILTER=span_filter, FUSED_SCALE=scale > 0, **mask_flags,
             )
-    out = acc.to(q.dtype) if acc.dtype != q.dtype else acc
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_rates, mode,
@@ -805,25 +894,27 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
     kv_filters = (1, 2) if counts is not None and count_strides[1] == 0 else (0,)
     if counts is None:
         counts = q
-    for index, launch in enumerate(launches):
-        geo = _Geometry.of(launch, seq_q, seq_k)
-        common = dict(
-            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, IS_CAUSAL=is_causal, DOT_PRECISION=precision,
-            QUERY_TAIL=query_tail, **mask_flags,
-        )
+    common = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, IS_CAUSAL=is_causal, DOT_PRECISION=precision,
+        QUERY_TAIL=query_tail, **mask_flags,
+    )
+    for index, group in enumerate(_QueryLaunch.plan(launches, mode, seq_q, seq_k)):
+        head_lo, head_count, seg_len, rate, fixed_offset, rows_bucket, *parts = group.args()
         first_write = index == 0 and covered
-        grid = lambda meta, geo=geo, heads=batch * launch.head_count: (
-            geo.row_blocks(meta["BLOCK_M"]), geo.num_segments, heads,
-        )
         for span_filter in dq_filters:
             launch_tuned(
-                _DQ[q.dtype == torch.float32], grid,
+                _DQ[q.dtype == torch.float32], group.grid(batch),
                 q, k, v, grad_out, lse, delta, dq, mask, counts, *strides,
-                seq_k, seq_q, num_heads, launch.head_lo, launch.head_count, kv_group, geo.seg_len,
-                launch.rate, launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
-                ACCUMULATE=span_filter == 2 or not (direct or first_write),
+                seq_k, seq_q, num_heads, head_lo, head_count, kv_group, seg_len,
+                rate, fixed_offset, scale * LOG2E, rows_bucket, *parts,
+                PARTS=len(group.parts), ACCUMULATE=span_filter == 2 or not (direct or first_write),
                 SPAN_FILTER=span_filter, **common,
             )
+    # dk/dv: one launch per part (a key block's program sums its kv head's query heads, which
+    # may straddle head_groups parts).
+    for index, launch in enumerate(launches):
+        geo = _Geometry.of(launch, seq_q, seq_k)
+        first_write = index == 0 and covered
         num_offsets = 1 if launch.fixed_offset >= 0 else min(launch.rate, num_heads)
         kv_lo = launch.head_lo // kv_group
         kv_count = -(-(launch.head_lo + launch.head_count) // kv_group) - kv_lo

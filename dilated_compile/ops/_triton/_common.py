@@ -160,6 +160,13 @@ def _scores(qk, scale_log2, RAW: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_start(BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr):
+    """(acc, l_i, m_i) of an online softmax that has seen no key yet."""
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+    return acc, tl.zeros([BLOCK_M], tl.float32), tl.full([BLOCK_M], float("-inf"), tl.float32)
+
+
+@triton.jit
 def _online_softmax(acc, l_i, m_i, s, v, scale_log2, RAW: tl.constexpr, GUARD: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     """One key tile of the forward's online softmax: fold scores ``s`` ``[BLOCK_M, BLOCK_N]``

@@ -45,7 +45,8 @@ from .._block_layout import BlockIndex, cached_block_index
 from ._common import LOG2E, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, jit_with_scalars, launch_delta
 from ._common import _LN2, _LOG2E, _bias_of, _configs, _dot_precision, _empty_rows_give_zero
 from ._common import _finite_or_zero, _interpreting, _launcher, _mask_base, _mask_bias, _mask_tile
-from ._common import _online_softmax, _probs, _scores, launch_tuned, mask_operand
+from ._common import _online_softmax, _online_softmax_start, _probs, _scores, launch_tuned
+from ._common import mask_operand
 from .tuning import tuned
 
 #: Block sizes the kernels tile (powers of two: every tile size divides them).
@@ -272,9 +273,7 @@ def block_sparse_attention_fwd_kernel(
     chunk = dense_chunk * (BLOCK_SIZE // BLOCK_N)  # steps of a global row's part
     lo = part * chunk
     hi = tl.where(row < dense_rows, tl.minimum(steps, lo + chunk), steps)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+    acc, l_i, m_i = _online_softmax_start(BLOCK_M, HEAD_DIM_V)
     for it in range(lo, hi):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, _step_start(idx, it, BLOCK_SIZE, BLOCK_N), it >= full,

@@ -58,6 +58,7 @@ from ._common import (
     _mask_bias,
     _mask_tile,
     _online_softmax,
+    _online_softmax_start,
     _probs,
     _scores,
     jit_with_scalars,
@@ -234,6 +235,22 @@ def _key_span_state(Counts, b, h, scb, sch, N, row0, lo_row, hi_row, rate):
 
 
 @triton.jit
+def _key_range(block, n_rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr):
+    """(full_end, hi): the key rows ``[0, hi)`` a forward program of row block ``block`` walks,
+    those before ``full_end`` needing no bounds or causal check. Those come first (BLOCK_M is a
+    multiple of BLOCK_N, so the causal diagonal starts on a block boundary), then the partly
+    masked tail."""
+    if IS_CAUSAL:
+        full_end = block * BLOCK_M
+        hi = tl.minimum((block + 1) * BLOCK_M, n_rows)
+    else:
+        full_end = (n_rows // BLOCK_N) * BLOCK_N
+        hi = n_rows
+    return full_end, hi
+
+
+@triton.jit
 def _fwd_keys(
     acc, l_i, m_i, q, k_base, v_base, k_step, v_step, skd, svd, mask_rows, mask_keys, smk,
     offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, full_end, hi, scale_log2,
@@ -324,18 +341,8 @@ def dilated_attention_fwd_kernel(
         mask_rows += q_rows.to(tl.int64)[:, None] * smq
     mask_keys = (row0 + offs_n * rate) * smk
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
-
-    # Key blocks that need no mask come first (BLOCK_M is a multiple of BLOCK_N, so the
-    # causal diagonal starts on a block boundary), then the partly masked tail.
-    if IS_CAUSAL:
-        full_end = block * BLOCK_M
-        hi = tl.minimum((block + 1) * BLOCK_M, n_rows)
-    else:
-        full_end = (n_rows // BLOCK_N) * BLOCK_N
-        hi = n_rows
+    acc, l_i, m_i = _online_softmax_start(BLOCK_M, HEAD_DIM_V)
+    full_end, hi = _key_range(block, n_rows, BLOCK_M, BLOCK_N, IS_CAUSAL)
     if SPAN_FILTER != 0:
         # Key padding, split over two launches (SPAN_FILTER, above): the first takes the
         # programs whose keys the mask keeps entirely, unmasked; the second the others, masked,

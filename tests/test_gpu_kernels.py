@@ -237,8 +237,11 @@ def test_compiled_model_runs_the_triton_kernels(mode):
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
 
 
-def test_compiled_dynamic_lengths_do_not_recompile():
-    spec = DilatedSpec((128, 256), (1, 2))
+@pytest.mark.parametrize("mode", ["mixture", "head_groups"])
+def test_compiled_dynamic_lengths_do_not_recompile(mode):
+    """head_groups: the query-side launch's grid spans its groups (a maximum over symbolic
+    sizes)."""
+    spec = DilatedSpec((128, 256), (1, 2), mode)
 
     @dilated(spec)
     def attend(q, k, v):

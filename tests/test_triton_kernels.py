@@ -134,18 +134,22 @@ def test_launch_plan_puts_a_rate_one_config_first():
     assert [(g.head_lo, g.head_count, g.fixed_offset) for g in groups] == [(0, 2, 0), (2, 2, 1), (4, 1, 2)]
 
 
-def test_query_launches_group_head_parts():
-    """head_groups parts share the query-side launches four at a time; mixture configs do not
-    (their launches merge one after another)."""
+def test_launches_group_head_parts():
+    """head_groups parts share a launch four at a time; mixture configs do not (their launches
+    merge one after another)."""
     parts = kernels.plan_launches([4, 8, 16, 32, 64], [1, 1, 2, 2, 4], "head_groups", 7)
-    grouped = kernels._QueryLaunch.plan(parts, "head_groups", 70, 70)
+    grouped = kernels._GroupedLaunch.plan(parts, True, 70, 70)
     assert [len(g.parts) for g in grouped] == [4, 1]
     head_lo, head_count, seg_len, rate, offset, bucket, *extra = grouped[0].args()
     assert (head_lo, head_count, seg_len, rate, offset, bucket) == (0, 6, 4, 1, 0, 16)
     assert extra == [2, 8, 1, 0, 4, 16, 2, 0, 5, 32, 2, 1]
     assert grouped[0].grid(2)({"BLOCK_M": 4}) == (4, 18, 12)  # 16 rows / 4; 70 / 4 segments
+    assert grouped[0].kv_heads(2, 7) == (0, 3, 1)
+    assert grouped[0].kv_grid(2, 3, 1)({"BLOCK_N": 8}) == (2, 18, 6)
     mixture = kernels.plan_launches([8, 16, 32], [1, 2, 4], "mixture", 4)
-    assert [len(g.parts) for g in kernels._QueryLaunch.plan(mixture, "mixture", 45, 45)] == [1, 1, 1]
+    singles = kernels._GroupedLaunch.plan(mixture, False, 45, 45)
+    assert [len(g.parts) for g in singles] == [1, 1, 1]
+    assert singles[1].kv_heads(1, 4) == (0, 4, 2)  # rate 2: two offsets per kv head
 
 
 @runs_kernels

@@ -531,8 +531,9 @@ def dilated_attention_bwd_dkdv_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sgb, sgh, sgn, sgd, slb, slh, sln, smb, smh, smq, smk, scb, sch,
     N, NQ, num_heads, num_kv_heads, kv_lo, kv_count, num_offsets, head_lo, head_count, kv_group,
-    seg_len, rate, fixed_offset, scale_log2, rows_bucket,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    seg_len, rate, fixed_offset, scale_log2, rows_bucket, lo1, w1, r1, o1, lo2, w2, r2, o2,
+    lo3, w3, r3, o3,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_CAUSAL: tl.constexpr, PARTS: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUERY_TAIL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
     SPAN_FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -542,13 +543,17 @@ def dilated_attention_bwd_dkdv_kernel(
     program sums over the query heads of the kv head's GQA group that use this offset, so no
     two programs write the same rows. The grid covers the kv heads ``[kv_lo, kv_lo + kv_count)``
     of the launch's query heads and (``QUERY_TAIL``) only the segments holding queries; the
-    caller zeroes DK/DV for the rest. DK/DV are contiguous [B, Hkv, N, D(v)]."""
+    caller zeroes DK/DV for the rest. DK/DV are contiguous [B, Hkv, N, D(v)]. With several
+    head_groups parts (``_part_of``; the launcher groups them only where every kv head's query
+    heads lie in one part) a kv head takes its query heads' config."""
     scale_log2 = tl.cast(scale_log2, tl.float32)
     pid_n = tl.program_id(0)
-    seg, q_off = _segment_of(tl.program_id(1), N, NQ, seg_len, QUERY_TAIL)
     pid = tl.program_id(2)
     b = pid // (kv_count * num_offsets)
     kvh = kv_lo + (pid // num_offsets) % kv_count
+    seg_len, rate, fixed_offset = _part_of(kvh * kv_group, seg_len, rate, fixed_offset, lo1, w1, r1,
+                                           o1, lo2, w2, r2, o2, lo3, w3, r3, o3, PARTS)
+    seg, q_off = _segment_of(tl.program_id(1), N, NQ, seg_len, QUERY_TAIL)
     offset = fixed_offset if fixed_offset >= 0 else pid % num_offsets
     row0, n_rows = _segment_rows(seg, seg_len, N, offset, rate)
     if pid_n * BLOCK_N >= n_rows:
@@ -659,7 +664,7 @@ def plan_launches(
     """The launches of one call. Mixture: one per config, every head; the first config with
     rate 1 (if any) goes first, since it covers every row and the backward's first launch can
     then write without reading (the forward moves it last instead: ``forward``).
-    head_groups: one per group (``_QueryLaunch`` runs up to four of them in one launch)."""
+    head_groups: one per group (``_GroupedLaunch`` runs up to four of them in one launch)."""
     if mode == "mixture":
         launches = [Launch(w, r, 0, num_heads, -1) for w, r in zip(segment_lengths, dilation_rates)]
         launches.sort(key=lambda launch: launch.rate != 1)  # stable: keeps the spec's order otherwise
@@ -723,21 +728,29 @@ _PARTS_PER_LAUNCH = 4
 
 
 @dataclasses.dataclass(frozen=True)
-class _QueryLaunch:
-    """One launch of the query-side kernels (forward, dq) over one or more head parts: a
-    mixture config alone (its launches merge one after another), or up to
-    ``_PARTS_PER_LAUNCH`` head_groups parts at once. Their heads are disjoint, so one launch
-    has one writer per row, and one launch instead of one per group costs the host one launch's
-    issue and the GPU one last wave instead of several (a part's work alone fills few waves)."""
+class _GroupedLaunch:
+    """One launch of a kernel over one or more head parts: a mixture config alone (its launches
+    merge one after another), or up to ``_PARTS_PER_LAUNCH`` head_groups parts at once. Their
+    heads are disjoint, so one launch has one writer per row, and one launch instead of one per
+    group costs the host one launch's issue and the GPU one last wave instead of several (a
+    part's work alone fills few waves)."""
 
     parts: tuple[Launch, ...]
     geometries: tuple[_Geometry, ...]
 
     @staticmethod
-    def plan(launches: list[Launch], mode: str, seq_q, seq_k) -> list[_QueryLaunch]:
-        size = _PARTS_PER_LAUNCH if mode == "head_groups" else 1
+    def plan(launches: list[Launch], grouped: bool, seq_q, seq_k) -> list[_GroupedLaunch]:
+        size = _PARTS_PER_LAUNCH if grouped else 1
         groups = [tuple(launches[i:i + size]) for i in range(0, len(launches), size)]
-        return [_QueryLaunch(g, tuple(_Geometry.of(p, seq_q, seq_k) for p in g)) for g in groups]
+        return [_GroupedLaunch(g, tuple(_Geometry.of(p, seq_q, seq_k) for p in g)) for g in groups]
+
+    @property
+    def head_lo(self) -> int:
+        return self.parts[0].head_lo
+
+    @property
+    def head_count(self) -> int:
+        return self.parts[-1].head_lo + self.parts[-1].head_count - self.head_lo
 
     def args(self) -> tuple:
         """head_lo, head_count, seg_len, rate, fixed_offset, rows_bucket, then (first head,
@@ -747,16 +760,34 @@ class _QueryLaunch:
         for part, g in zip(self.parts[1:], self.geometries[1:]):
             extra += [part.head_lo, g.seg_len, part.rate, part.fixed_offset]
         extra += [0] * (4 * (_PARTS_PER_LAUNCH - 1) - len(extra))
-        last = self.parts[-1]
-        return (first.head_lo, last.head_lo + last.head_count - first.head_lo, geo.seg_len,
-                first.rate, first.fixed_offset, max(_rows_bucket(p) for p in self.parts), *extra)
+        return (self.head_lo, self.head_count, geo.seg_len, first.rate, first.fixed_offset,
+                max(_rows_bucket(p) for p in self.parts), *extra)
+
+    def _most(self, sizes):
+        return functools.reduce(torch.sym_max, sizes)
 
     def grid(self, batch: int):
-        heads = batch * (self.parts[-1].head_lo + self.parts[-1].head_count - self.parts[0].head_lo)
+        """The query-side kernels' grid: row blocks and segments of the largest part, heads."""
         return lambda meta: (
-            functools.reduce(torch.sym_max, [g.row_blocks(meta["BLOCK_M"]) for g in self.geometries]),
-            functools.reduce(torch.sym_max, [g.num_segments for g in self.geometries]),
-            heads,
+            self._most([g.row_blocks(meta["BLOCK_M"]) for g in self.geometries]),
+            self._most([g.num_segments for g in self.geometries]),
+            batch * self.head_count,
+        )
+
+    def kv_heads(self, kv_group: int, num_heads: int) -> tuple[int, int, int]:
+        """(first kv head, kv heads, offsets per kv head) of the dk/dv kernel's programs."""
+        kv_lo = self.head_lo // kv_group
+        kv_count = -(-(self.head_lo + self.head_count) // kv_group) - kv_lo
+        first = self.parts[0]
+        num_offsets = 1 if first.fixed_offset >= 0 else min(first.rate, num_heads)
+        return kv_lo, kv_count, num_offsets
+
+    def kv_grid(self, batch: int, kv_count: int, num_offsets: int):
+        """The dk/dv kernel's grid: key blocks and segments of the largest part, kv heads."""
+        return lambda meta: (
+            self._most([triton.cdiv(g.max_rows, meta["BLOCK_N"]) for g in self.geometries]),
+            self._most([g.num_segments for g in self.geometries]),
+            batch * kv_count * num_offsets,
         )
 
 
@@ -831,7 +862,7 @@ def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, at
     # Key padding: two launches per config (SPAN_FILTER); they share every row's one writer.
     filters = (0,) if counts is None else (1, 2)
 
-    query_launches = _QueryLaunch.plan(launches, mode, seq_q, seq_k)
+    query_launches = _GroupedLaunch.plan(launches, mode == "head_groups", seq_q, seq_k)
     for index, group in enumerate(query_launches):
         head_lo, head_count, seg_len, rate, fixed_offset, rows_bucket, *parts = group.args()
         target = out if index == len(query_launches) - 1 else running
@@ -905,7 +936,7 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, IS_CAUSAL=is_causal, DOT_PRECISION=precision,
         QUERY_TAIL=query_tail, **mask_flags,
     )
-    for index, group in enumerate(_QueryLaunch.plan(launches, mode, seq_q, seq_k)):
+    for index, group in enumerate(_GroupedLaunch.plan(launches, mode == "head_groups", seq_q, seq_k)):
         head_lo, head_count, seg_len, rate, fixed_offset, rows_bucket, *parts = group.args()
         first_write = index == 0 and covered
         for span_filter in dq_filters:
@@ -917,24 +948,20 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
                 PARTS=len(group.parts), ACCUMULATE=span_filter == 2 or not (direct or first_write),
                 SPAN_FILTER=span_filter, **common,
             )
-    # dk/dv: one launch per part (a key block's program sums its kv head's query heads, which
-    # may straddle head_groups parts).
-    for index, launch in enumerate(launches):
-        geo = _Geometry.of(launch, seq_q, seq_k)
+    # dk/dv: head_groups parts share a launch only where every kv head's query heads lie in one
+    # part (``kv_direct``): a key block's program sums its kv head's query heads.
+    key_launches = _GroupedLaunch.plan(launches, mode == "head_groups" and kv_direct, seq_q, seq_k)
+    for index, group in enumerate(key_launches):
+        head_lo, head_count, seg_len, rate, fixed_offset, rows_bucket, *parts = group.args()
+        kv_lo, kv_count, num_offsets = group.kv_heads(kv_group, num_heads)
         first_write = index == 0 and covered
-        num_offsets = 1 if launch.fixed_offset >= 0 else min(launch.rate, num_heads)
-        kv_lo = launch.head_lo // kv_group
-        kv_count = -(-(launch.head_lo + launch.head_count) // kv_group) - kv_lo
-        kv_grid = lambda meta, geo=geo, progs=batch * kv_count * num_offsets: (
-            triton.cdiv(geo.max_rows, meta["BLOCK_N"]), geo.num_segments, progs,
-        )
         for span_filter in kv_filters:
             launch_tuned(
-                _DKDV[q.dtype == torch.float32], kv_grid,
+                _DKDV[q.dtype == torch.float32], group.kv_grid(batch, kv_count, num_offsets),
                 q, k, v, grad_out, lse, delta, dk, dv, mask, counts, *strides,
                 seq_k, seq_q, num_heads, num_kv_heads, kv_lo, kv_count, num_offsets,
-                launch.head_lo, launch.head_count, kv_group, geo.seg_len, launch.rate,
-                launch.fixed_offset, scale * LOG2E, _rows_bucket(launch),
+                head_lo, head_count, kv_group, seg_len, rate, fixed_offset, scale * LOG2E,
+                rows_bucket, *parts, PARTS=len(group.parts),
                 ACCUMULATE=span_filter == 2 or not (kv_direct or first_write),
                 SPAN_FILTER=span_filter, **common,
             )

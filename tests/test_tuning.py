@@ -39,6 +39,31 @@ def test_tuning_key_is_the_key_arguments_then_every_tensors_dtype():
     assert tuning.key_text(key) == json.dumps(list(key))
 
 
+def _dict_key(autotuner, args, kwargs):
+    """Triton's autotuner's own way: a dict of every argument by name."""
+    named = {**dict(zip(autotuner.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in autotuner.arg_names}
+    key = [named[k] for k in autotuner.keys if k in named]
+    return tuple(key + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+
+
+@pytest.mark.parametrize("name", sorted(tuning.REGISTRY))
+def test_tuning_key_equals_the_autotuners_way_on_a_whole_launch(name):
+    """Every registered kernel, called the way its launcher calls it: tensors and scalars
+    positional, the constexprs by keyword."""
+    autotuner = tuning.REGISTRY[name]
+    if not hasattr(autotuner.fn, "params"):
+        pytest.skip("under TRITON_INTERPRET=1 the kernels are interpreted functions")
+    constexprs = {p.name for p in autotuner.fn.params if p.is_constexpr}
+    positional = [n for n in autotuner.arg_names if n not in constexprs]
+    dtypes = [torch.bfloat16, torch.float32, torch.uint8]
+    args = tuple(torch.empty(1, dtype=dtypes[i % 3]) if n[0].isupper() else i
+                 for i, n in enumerate(positional))
+    kwargs = {n: (i % 2 == 0) for i, n in enumerate(autotuner.arg_names)
+              if n in constexprs and n not in ("BLOCK_M", "BLOCK_N")}
+    assert tuning.tuning_key(autotuner, args, kwargs) == _dict_key(autotuner, args, kwargs)
+
+
 def test_closest_key_prefers_equal_flags_then_nearest_sizes():
     entries = {
         json.dumps([2048, 64, 64, False, "torch.bfloat16"]): _config(128, 64, 4, 3),

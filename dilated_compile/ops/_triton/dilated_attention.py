@@ -692,8 +692,14 @@ def _covers_every_row(num_heads: int):
     return lambda launch: launch.rate == 1 and launch.head_count == num_heads
 
 
+def _cdiv(a, b):
+    """ceil(a / b) for ints and SymInts (``triton.cdiv`` costs a few microseconds a call, and
+    the launchers call it on every launch)."""
+    return (a + b - 1) // b
+
+
 def _rows_bucket(launch: Launch) -> int:
-    return triton.next_power_of_2(-(-launch.segment_length // launch.rate))
+    return 1 << (_cdiv(launch.segment_length, launch.rate) - 1).bit_length()  # next power of 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -719,8 +725,8 @@ class _Geometry:
         """Query programs along a segment's rows: their blocks stay aligned within the segment,
         so with fewer queries than keys the query rows may straddle one block more."""
         if not self.query_tail:
-            return triton.cdiv(self.max_rows, block)
-        return torch.sym_min(triton.cdiv(self.max_rows, block), triton.cdiv(self.query_rows, block) + 1)
+            return _cdiv(self.max_rows, block)
+        return torch.sym_min(_cdiv(self.max_rows, block), _cdiv(self.query_rows, block) + 1)
 
 
 # head_groups: up to this many head parts share one launch (``_part_of``).
@@ -785,7 +791,7 @@ class _GroupedLaunch:
     def kv_grid(self, batch: int, kv_count: int, num_offsets: int):
         """The dk/dv kernel's grid: key blocks and segments of the largest part, kv heads."""
         return lambda meta: (
-            self._most([triton.cdiv(g.max_rows, meta["BLOCK_N"]) for g in self.geometries]),
+            self._most([_cdiv(g.max_rows, meta["BLOCK_N"]) for g in self.geometries]),
             self._most([g.num_segments for g in self.geometries]),
             batch * kv_count * num_offsets,
         )

@@ -134,3 +134,13 @@ def test_tune_needs_a_gpu_and_says_so():
     result = subprocess.run([sys.executable, "-m", "dilated_compile.tune", "--out", "unused.json"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "CUDA" in result.stderr
+
+
+def test_host_cost_script_runs():
+    """benchmarks/host_cost.py stubs the launches through the launchers' internal names: it
+    must keep finding them."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "host_cost.py")
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DILATED_COMPILE_AUTOTUNE": "auto"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| mixture |" in done.stdout and "| head_groups |" in done.stdout

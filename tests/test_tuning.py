@@ -144,3 +144,46 @@ def test_host_cost_script_runs():
                           env={**os.environ, "DILATED_COMPILE_AUTOTUNE": "auto"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| mixture |" in done.stdout and "| head_groups |" in done.stdout
+
+
+def test_shipped_table_holds_every_key_of_the_tuning_workload(monkeypatch):
+    """Every launch of ``python -m dilated_compile.tune``'s default workload (both families, D 64
+    and 128, bf16, causal and not, forward and backward) finds its exact key in the shipped
+    table: a kernel whose arguments change (another tensor, another dtype) changes its keys, and
+    without this the H200 would silently fall back to the nearest key or to autotuning."""
+
+    seen = set()
+
+    def record(name, grid, *args, **kwargs):
+        seen.add((name, tuning.key_text(tuning.tuning_key(tuning.REGISTRY[name], args, kwargs))))
+
+    def delta(grad_out, *rest):
+        return grad_out[..., 0].float()
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    families = (dilated_attention, block_sparse_attention)
+    for module in families:
+        monkeypatch.setattr(module, "launch_tuned", record)
+        monkeypatch.setattr(module, "launch_delta", delta)
+    monkeypatch.setattr(block_sparse_attention, "_launcher", lambda kernel: NoLaunch())
+    segments, rates = [2048, 4096, 8192, 16384], [1, 2, 4, 8]
+    layouts = [(4, 0, 0), (1, 2, 3)]  # tune's block-sparse "local" and "bigbird"
+    for d in (64, 128):
+        q = torch.randn(1, 16, 300, d, dtype=torch.bfloat16)
+        lse = q[..., 0].float()
+        for causal in (False, True):
+            for mode in ("mixture", "head_groups"):
+                args = (segments, rates, mode, causal, 0.125)
+                dilated_attention.forward(q, q, q, *args)
+                dilated_attention.backward(q, q, q, q, q, lse, None, *args)
+            for local, global_, random in layouts:
+                args = (128, local, global_, random, 0, None, causal, 0.125)
+                block_sparse_attention.forward(q, q, q, *args)
+                block_sparse_attention.backward(q, q, q, q, q, lse, None, *args)
+    table = json.loads(tuning.TABLE_PATH.read_text())["devices"]["NVIDIA H200"]["kernels"]
+    assert len(seen) >= 40
+    missing = [(name, key) for name, key in sorted(seen) if key not in table.get(name, {})]
+    assert not missing, missing

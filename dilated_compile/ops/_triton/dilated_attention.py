@@ -148,7 +148,7 @@ def _part_of(h, seg_len, rate, fixed_offset, lo1, w1, r1, o1, lo2, w2, r2, o2, l
              PARTS: tl.constexpr):
     """The config (segment length, rate, offset) of head ``h`` in a launch of ``PARTS`` head
     parts: part 0's are the launch's own scalars, parts 1, 2, 3 start at heads ``lo1``, ``lo2``,
-    ``lo3`` with theirs (head_groups: each part a contiguous run of heads, ``launch_parts``)."""
+    ``lo3`` with theirs (head_groups: each part a contiguous run of heads, ``_GroupedLaunch``)."""
     if PARTS > 1:
         if h >= lo1:
             seg_len, rate, fixed_offset = w1, r1, o1

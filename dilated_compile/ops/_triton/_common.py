@@ -176,8 +176,9 @@ def _online_softmax(acc, l_i, m_i, s, v, scale_log2, RAW: tl.constexpr, GUARD: t
     multiply-add per score instead of a multiply and a subtract: the score's elementwise work,
     not the matrix products, bounds a head-dim-64 tile on Hopper. Only for a positive scale
     (the row maximum commutes with it, and -inf stays -inf: the launchers pass
-    ``FUSED_SCALE=scale > 0``) and scores with no mask term. ``GUARD``: rows may have kept no key yet (with a mask). The output is
-    accumulated inside the product (``tl.dot``'s accumulator operand)."""
+    ``FUSED_SCALE=scale > 0``) and scores with no mask term. ``GUARD``: rows may have kept no
+    key yet (with a mask). The output is accumulated inside the product (``tl.dot``'s
+    accumulator operand)."""
     row_max = tl.max(s, 1)
     if RAW:
         row_max = row_max * scale_log2

@@ -12,10 +12,10 @@ output and lse of its rows, merges its own (already normalised) result and write
 rate-1 config over every head runs last and writes the output in its final dtype. Launches of
 one call run one after another on one stream, so every row has one writer at a time and the
 result is deterministic. head_groups' query-side kernels take up to four groups per launch
-(``PARTS``: each head finds its group's config). The backward is FlashAttention-2 style with the *final*
-lse and Delta = rowsum(dO * O) - dL/dlse: each config's share of dq (per query block) and of
-dk/dv (per key block, summing the query heads of a GQA group inside the program) is computed
-without atomics and added into fp32 accumulators, again one launch at a time.
+(``PARTS``: each head finds its group's config). The backward is FlashAttention-2 style with the
+*final* lse and Delta = rowsum(dO * O) - dL/dlse: each config's share of dq (per query block)
+and of dk/dv (per key block, summing the query heads of a GQA group inside the program) is
+computed without atomics and added into fp32 accumulators, again one launch at a time.
 
 Queries may be fewer than keys (``Nq <= Nk``): query ``i`` stands at position ``Nk - Nq + i`` of
 the key sequence, so only segments that hold query positions get query programs, and a program's

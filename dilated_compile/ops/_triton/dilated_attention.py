@@ -657,6 +657,10 @@ class Launch:
     head_count: int
     fixed_offset: int
 
+    def covers_every_row(self, num_heads: int) -> bool:
+        """Whether this launch writes every query row: a rate-1 config over every head."""
+        return self.rate == 1 and self.head_count == num_heads
+
 
 def plan_launches(
     segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str, num_heads: int
@@ -685,11 +689,6 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.shape[-1] in SUPPORTED_HEAD_DIMS
         and v.shape[-1] in SUPPORTED_HEAD_DIMS
     )
-
-
-def _covers_every_row(num_heads: int):
-    """Whether a launch writes every query row: a rate-1 config over every head."""
-    return lambda launch: launch.rate == 1 and launch.head_count == num_heads
 
 
 def _cdiv(a, b):
@@ -851,15 +850,16 @@ def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, at
         # an earlier one wrote. A rate-1 config over every head goes last: it reaches every row,
         # so it writes the final output in q's dtype as it merges (no cast pass afterwards);
         # without one the running result is cast at the end, rows no config reaches staying 0.
-        launches.sort(key=_covers_every_row(num_heads))  # stable: the spec's order otherwise
-        final_writes = _covers_every_row(num_heads)(launches[-1])
+        # Stable: the spec's order otherwise.
+        launches.sort(key=lambda launch: launch.covers_every_row(num_heads))
+        final_writes = launches[-1].covers_every_row(num_heads)
         running = (torch.empty if final_writes else torch.zeros)(
             shape, device=q.device, dtype=torch.float32)
         direct = final_writes and q.dtype != torch.float32
         out = torch.empty(shape, device=q.device, dtype=q.dtype) if direct else running
         lse = torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32)
     else:  # one launch per row: each writes its rows in q's dtype
-        every_row_covered = _covers_every_row(num_heads)(launches[0])
+        every_row_covered = launches[0].covers_every_row(num_heads)
         alloc = torch.empty if every_row_covered else torch.zeros  # rows no launch writes: 0
         out = running = alloc(shape, device=q.device, dtype=q.dtype)
         lse = (torch.empty(lse_shape, device=q.device, dtype=torch.float32) if every_row_covered
@@ -914,7 +914,7 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
         len({group_of[h] for h in range(g * kv_group, (g + 1) * kv_group)}) == 1
         for g in range(num_kv_heads)
     )
-    covered = launches[0].rate == 1 and launches[0].head_count == num_heads
+    covered = launches[0].covers_every_row(num_heads)
     # With fewer queries than keys, key programs run only on segments holding queries: the
     # key rows before them keep the zeros they start with (the first launch still writes
     # without reading: nothing was added before it).

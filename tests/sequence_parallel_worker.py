@@ -14,6 +14,7 @@ import json
 import math
 import os
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -84,6 +85,15 @@ def _worker(name: str):
         return globals()[name]
     module, function = name.split(":")
     return getattr(importlib.import_module(module), function)
+
+
+def run_torchrun(script, *args: str, ranks: int = 2, timeout: float = 300.0):
+    """``script`` with ``args`` under ``torchrun --standalone`` on ``ranks`` CPU processes, from
+    the repository root: the finished process (stdout and stderr captured as text)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={ranks}", str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=root)
 
 
 def run_group(name: str, world: int, out_dir: str, timeout: float = 150.0) -> list:

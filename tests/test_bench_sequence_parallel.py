@@ -3,8 +3,6 @@ checked against the single-process op before it is timed, and the table is print
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +11,16 @@ import torch.distributed as dist
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+from sequence_parallel_worker import run_torchrun  # noqa: E402
+
 pytestmark = pytest.mark.slow  # spawns processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_benchmark_runs_and_checks_every_row_on_two_cpu_ranks():
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(ROOT / "benchmarks" / "bench_sequence_parallel.py"), "--smoke", "--patterns", "dilated_hg",
-         "block_sparse_local"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
+    done = run_torchrun(ROOT / "benchmarks" / "bench_sequence_parallel.py", "--smoke", "--patterns",
+                        "dilated_hg", "block_sparse_local")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| dilated_hg")
             or line.startswith("| block_sparse_local")]

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import torch.distributed as dist
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-from sequence_parallel_worker import run_group  # noqa: E402
+from sequence_parallel_worker import run_group, run_torchrun  # noqa: E402
 
 pytestmark = pytest.mark.slow  # spawns processes
 
@@ -25,12 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_example_trains_under_torchrun():
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(ROOT / "examples" / "train_sequence_parallel.py"), "--tiny", "--steps", "2",
-         "--log-every", "1", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
-    )
+    done = run_torchrun(ROOT / "examples" / "train_sequence_parallel.py", "--tiny", "--steps", "2",
+                        "--log-every", "1", "--device", "cpu")
     assert done.returncode == 0, done.stdout + done.stderr
     losses = [float(x) for x in re.findall(r"step +\d+ +loss ([\d.]+)", done.stdout)]
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), done.stdout

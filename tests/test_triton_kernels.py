@@ -134,6 +134,49 @@ def test_launch_plan_puts_a_rate_one_config_first():
     assert [(g.head_lo, g.head_count, g.fixed_offset) for g in groups] == [(0, 2, 0), (2, 2, 1), (4, 1, 2)]
 
 
+def test_launch_order_with_symbolic_heads():
+    """Under torch.compile with dynamic shapes the head count is a SymInt: the forward's launch
+    order (rate-1 config over every head last) must still sort, on Python bools."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    heads = env.create_symintnode(env.create_symbol(4, source=ConstantSource("heads")), hint=4)
+    launches = kernels.plan_launches([128, 256, 512], [1, 2, 4], "mixture", heads)
+    assert all(type(launch.covers_every_row(heads)) is bool for launch in launches)
+    launches.sort(key=lambda launch: launch.covers_every_row(heads))
+    assert [launch.rate for launch in launches] == [2, 4, 1]
+
+
+@pytest.mark.parametrize("mode", ["mixture", "head_groups"])
+def test_launchers_take_symbolic_shapes(mode, monkeypatch):
+    """What torch.compile with dynamic shapes hands the launchers: every size symbolic, the
+    head counts included. The launch plan's Python must run on them (the kernels themselves are
+    mocked: this runs on CPU fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+
+    launched = []
+    monkeypatch.setattr(kernels, "launch_tuned", lambda name, grid, *args, **kwargs: launched.append(
+        (name, grid({"BLOCK_M": 64, "BLOCK_N": 64}))))
+    monkeypatch.setattr(kernels, "launch_delta", lambda grad_out, out, lse, grad_lse: lse)
+    fake = FakeTensorMode(shape_env=ShapeEnv())
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 4)
+    q, k = (fake.from_tensor(torch.empty(2, h, 300, 64, dtype=torch.bfloat16), symbolic_context=dynamic)
+            for h in (4, 2))
+    assert isinstance(q.shape[1], torch.SymInt)
+    args = ([128, 256, 512], [1, 2, 4], mode, True, 0.125)
+    with fake:
+        out, lse = kernels.forward(q, k, k, *args)
+        grads = kernels.backward(out, q, k, k, out, lse, None, *args)
+    assert out.shape == q.shape and [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+    assert {name for name, _ in launched} == {"dilated_fwd", "dilated_bwd_dq", "dilated_bwd_dkdv"}
+
+
 def test_launches_group_head_parts():
     """head_groups parts share a launch four at a time; mixture configs do not (their launches
     merge one after another)."""
@@ -339,3 +382,54 @@ def test_kernels_with_no_queries():
     assert out.shape == (1, 2, 0, 32) and lse.shape == (1, 2, 0)
     dq, dk, dv = kernels.backward(out, q, k, v, out, lse, None, *args)
     assert dq.shape == q.shape and torch.all(dk == 0) and torch.all(dv == 0)
+
+
+# Tiles that are not square: the forward and dq walk two key blocks per query block, dk/dv two
+# query blocks per key block, so the causal diagonal spans several blocks and the split of
+# every walk into whole blocks (no per-pair checks) and edge blocks is exercised beyond the
+# single-block case the default interpreter tiles give. (B, Hq, Hkv, Nq, Nk, segment_lengths,
+# dilation_rates, mode, is_causal, mask) as in MASKED_CASES.
+UNEVEN_TILE_CASES = [
+    (1, 4, 2, 100, 100, (64, 32), (1, 2), "mixture", True, None),  # ragged last segment
+    (1, 4, 2, 100, 100, (64, 32), (1, 2), "mixture", False, None),
+    (1, 4, 2, 71, 100, (64, 32), (1, 2), "mixture", True, None),  # queries start mid-block
+    (1, 4, 4, 90, 90, (64, 32), (2, 1), "head_groups", True, None),
+    (2, 4, 2, 90, 90, (64, 32), (1, 2), "mixture", True, "bool-pad"),  # key padding, two launches
+    (1, 4, 2, 53, 90, (64,), (1,), "mixture", True, "float-qk"),
+]
+_UNEVEN_TILES = {"dilated_fwd": (32, 16), "dilated_bwd_dq": (32, 16), "dilated_bwd_dkdv": (16, 32)}
+
+
+@pytest.fixture
+def uneven_tiles(monkeypatch):
+    import triton
+
+    from dilated_compile.ops._triton.tuning import REGISTRY
+
+    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "0")  # on CUDA: the (patched) first config
+    for name, (block_m, block_n) in _UNEVEN_TILES.items():
+        for variant in (name, f"{name}_fp32"):
+            config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=2)
+            monkeypatch.setattr(REGISTRY[variant], "configs", [config])
+
+
+@runs_kernels
+@pytest.mark.parametrize("case", UNEVEN_TILE_CASES, ids=_masked_ids)
+def test_kernels_with_uneven_tiles(case, uneven_tiles):
+    b, hq, hkv, nq, nk, segment_lengths, dilation_rates, mode, is_causal, mask_kind = case
+    spec = DilatedSpec(segment_lengths, dilation_rates, mode)
+    g = torch.Generator().manual_seed(hash(case) % 1000)
+    shapes = ((b, hq, nq, 32), (b, hkv, nk, 32), (b, hkv, nk, 32), (b, hq, nq, 32), (b, hq, nq))
+    q, k, v, grad_out, grad_lse = (
+        torch.randn(s, generator=g, dtype=torch.float64).float().double() for s in shapes
+    )
+    mask = _make_mask(mask_kind, b, hq, nq, nk, torch.float32, g)
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, spec, is_causal, grad_out, grad_lse, mask)
+    grad_lse = torch.where(torch.isfinite(ref_lse), grad_lse, 0)
+
+    dq_, kd, vd, god = (t.to(DEVICE, torch.float32) for t in (q, k, v, grad_out))
+    view = None if mask is None else expand_attn_mask(mask.to(DEVICE), dq_, kd)
+    args = (list(segment_lengths), list(dilation_rates), mode, is_causal, 32 ** -0.5, view)
+    out, lse = kernels.forward(dq_, kd, vd, *args)
+    grads = kernels.backward(god, dq_, kd, vd, out, lse, grad_lse.to(DEVICE, torch.float32), *args)
+    _assert_matches(out, lse, grads, ref_out, ref_lse, ref_grads, torch.float32)

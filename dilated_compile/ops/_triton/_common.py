@@ -204,14 +204,22 @@ def _empty_rows_give_zero(lse2, GUARD: tl.constexpr):
 
 
 @triton.jit
-def _probs(s, lse2, keep, FLOAT_MASK: tl.constexpr):
-    """The backward's attention weights ``exp2(s - lse)`` of the kept pairs. With a float mask,
-    a row whose kept scores are all huge and negative (a mask of -1e9, say) has s and lse where
-    float32 rounding can leave ``s - lse`` > 0 and its exp2 inf; the exact value is <= 0."""
+def _weights(s, lse2, FLOAT_MASK: tl.constexpr):
+    """The backward's attention weights ``exp2(s - lse)`` of a tile whose pairs are all kept
+    (or removed by a -inf score). With a float mask, a row whose kept scores are all huge and
+    negative (a mask of -1e9, say) has s and lse where float32 rounding can leave ``s - lse`` > 0
+    and its exp2 inf; the exact value is <= 0."""
     x = s - lse2
     if FLOAT_MASK:
         x = tl.minimum(x, 0.0)
-    return tl.where(keep, tl.math.exp2(x), 0.0)
+    return tl.math.exp2(x)
+
+
+@triton.jit
+def _probs(s, lse2, keep, FLOAT_MASK: tl.constexpr):
+    """``_weights`` of the pairs in ``keep``, 0 elsewhere (a tile on an edge: past the rows, or
+    on the causal diagonal)."""
+    return tl.where(keep, _weights(s, lse2, FLOAT_MASK), 0.0)
 
 
 @triton.jit

@@ -60,6 +60,7 @@ from ._common import (
     _online_softmax,
     _online_softmax_start,
     _probs,
+    _weights,
     _scores,
     jit_with_scalars,
     launch_tuned,
@@ -148,17 +149,21 @@ def _part_of(h, seg_len, rate, fixed_offset, lo1, w1, r1, o1, lo2, w2, r2, o2, l
              PARTS: tl.constexpr):
     """The config (segment length, rate, offset) of head ``h`` in a launch of ``PARTS`` head
     parts: part 0's are the launch's own scalars, parts 1, 2, 3 start at heads ``lo1``, ``lo2``,
-    ``lo3`` with theirs (head_groups: each part a contiguous run of heads, ``_GroupedLaunch``)."""
+    ``lo3`` with theirs (head_groups: each part a contiguous run of heads, ``_GroupedLaunch``).
+    Selects rather than branches: under torch.compile a scalar equal to 1 arrives as a
+    constexpr, which a runtime branch may not rebind to a value."""
     if PARTS > 1:
-        if h >= lo1:
-            seg_len, rate, fixed_offset = w1, r1, o1
+        seg_len, rate, fixed_offset = _later_part(h >= lo1, seg_len, rate, fixed_offset, w1, r1, o1)
     if PARTS > 2:
-        if h >= lo2:
-            seg_len, rate, fixed_offset = w2, r2, o2
+        seg_len, rate, fixed_offset = _later_part(h >= lo2, seg_len, rate, fixed_offset, w2, r2, o2)
     if PARTS > 3:
-        if h >= lo3:
-            seg_len, rate, fixed_offset = w3, r3, o3
+        seg_len, rate, fixed_offset = _later_part(h >= lo3, seg_len, rate, fixed_offset, w3, r3, o3)
     return seg_len, rate, fixed_offset
+
+
+@triton.jit
+def _later_part(later, seg_len, rate, fixed_offset, w, r, o):
+    return tl.where(later, w, seg_len), tl.where(later, r, rate), tl.where(later, o, fixed_offset)
 
 
 @triton.jit
@@ -389,17 +394,19 @@ def dilated_attention_fwd_kernel(
 @triton.jit
 def _dq_keys(
     dq, q, do, lse2, row_delta, k_base, v_base, skn, svn, skd, svd, mask_rows, mask_keys, smk,
-    offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, hi, scale_log2,
+    offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, lo, hi, scale_log2,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
     APPLY_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dq of a program's query rows over the key rows ``[0, hi)`` of its segment (see
-    ``_fwd_keys`` for ``APPLY_MASK``)."""
+    """dq of a program's query rows over the key rows ``[lo, hi)`` of its segment (see
+    ``_fwd_keys`` for ``APPLY_MASK``). ``EDGE``: the tiles may reach past the rows or onto the
+    causal diagonal, so each pair is checked; without it (the blocks before ``_key_range``'s
+    ``full_end``) none is, which spares a compare and a select per score."""
     if APPLY_MASK:  # loaded one tile ahead, as in the forward
-        mask_next = _mask_tile(mask_rows, mask_keys, 0, offs_n, n_rows, rate, smk, m_valid,
+        mask_next = _mask_tile(mask_rows, mask_keys, lo, offs_n, n_rows, rate, smk, m_valid,
                                MASK_PER_QUERY)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_valid = cols < n_rows
         k = tl.load(k_base + cols[:, None] * (rate * skn) + offs_d[None, :] * skd,
@@ -407,17 +414,20 @@ def _dq_keys(
         v = tl.load(v_base + cols[:, None] * (rate * svn) + offs_dv[None, :] * svd,
                     mask=n_valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        keep = m_valid[:, None] & n_valid[None, :]
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
         if APPLY_MASK:
             s += _bias_of(mask_next, MASK_BOOL)
             mask_next = _mask_tile(mask_rows, mask_keys, start_n + BLOCK_N, offs_n, n_rows, rate,
                                    smk, m_valid, MASK_PER_QUERY)
-        p = _probs(s, lse2[:, None], keep, HAS_MASK and not MASK_BOOL)
+        if EDGE:
+            keep = m_valid[:, None] & n_valid[None, :]
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            p = _probs(s, lse2[:, None], keep, HAS_MASK and not MASK_BOOL)
+        else:  # rows past the segment have their own garbage, never stored
+            p = _weights(s, lse2[:, None], HAS_MASK and not MASK_BOOL)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - row_delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -462,20 +472,23 @@ def dilated_attention_bwd_dq_kernel(
     mask_keys = (row0 + offs_n * rate) * smk
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    hi = tl.minimum((block + 1) * BLOCK_M, n_rows) if IS_CAUSAL else n_rows
+    full_end, hi = _key_range(block, n_rows, BLOCK_M, BLOCK_N, IS_CAUSAL)
     if SPAN_FILTER != 0:  # key padding in two launches, as in the forward
         span = _key_span_state(Counts, b, h, scb, sch, N, row0, 0, hi, rate)
         if SPAN_FILTER == 1:  # the others' dq is 0 here (the second launch adds it)
+            full_end = tl.where(span == _SPAN_NEUTRAL, full_end, 0)
             hi = tl.where(span == _SPAN_NEUTRAL, hi, 0)
         else:
             if span != _SPAN_MIXED:
                 return
-    dq = _dq_keys(
-        dq, q, do, lse2, row_delta, k_base, v_base, skn, svn, skd, svd, mask_rows, mask_keys, smk,
-        offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, hi, scale_log2,
-        IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
-        APPLY_MASK=HAS_MASK and SPAN_FILTER != 1, MASK_BOOL=MASK_BOOL,
-        MASK_PER_QUERY=MASK_PER_QUERY, BLOCK_N=BLOCK_N)
+    for edge in tl.static_range(2):  # the full blocks, then the edge ones
+        dq = _dq_keys(
+            dq, q, do, lse2, row_delta, k_base, v_base, skn, svn, skd, svd, mask_rows, mask_keys,
+            smk, offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate,
+            full_end if edge else 0, hi if edge else full_end, scale_log2,
+            IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
+            APPLY_MASK=HAS_MASK and SPAN_FILTER != 1, MASK_BOOL=MASK_BOOL,
+            MASK_PER_QUERY=MASK_PER_QUERY, EDGE=edge == 1, BLOCK_N=BLOCK_N)
 
     dq_ptrs = DQ + (b * num_heads + h) * NQ * HEAD_DIM + q_rows[:, None] * HEAD_DIM + offs_d[None, :]
     dq = dq * (scale_log2 * _LN2)
@@ -487,16 +500,23 @@ def dilated_attention_bwd_dq_kernel(
 @triton.jit
 def _dkdv_queries(
     dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, sqn, sqd, sgn, sgd, sln, smq,
-    offs_m, offs_n, offs_d, offs_dv, n_valid, row0, q_off, first, lo, q_end, n_rows, rate,
-    scale_log2, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, QUERY_TAIL: tl.constexpr,
-    HAS_MASK: tl.constexpr, APPLY_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    MASK_PER_QUERY: tl.constexpr, BLOCK_M: tl.constexpr,
+    offs_m, offs_n, offs_d, offs_dv, n_valid, row0, q_off, first, lo, n_head, tail, steps, n_rows,
+    rate, scale_log2, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QUERY_TAIL: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr, EDGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """dk, dv of a program's key rows from one query head's rows ``[lo, q_end)`` of the
-    segment's ``n_rows`` (see ``_fwd_keys`` for ``APPLY_MASK``)."""
+    """dk, dv of a program's key rows from ``steps`` blocks of one query head's rows of the
+    segment's ``n_rows``: the ``n_head`` blocks from row ``lo``, then those from row ``tail``
+    (see ``_fwd_keys`` for ``APPLY_MASK``). ``EDGE``: the blocks may reach past the rows, before
+    the first query or onto the causal diagonal, so each pair is checked; without it (the blocks
+    ``_query_blocks`` finds whole) none is, which spares a compare and a select per score."""
     if APPLY_MASK and not MASK_PER_QUERY:  # one key vector serves every query row
         key_bias = _mask_bias(mask_base, n_valid[:, None], MASK_BOOL)
-    for start_m in range(lo, q_end, BLOCK_M):
+    for step in range(0, steps):
+        start_m = lo + step * BLOCK_M
+        if EDGE:
+            start_m = tl.where(step < n_head, start_m, tail + (step - n_head) * BLOCK_M)
         rows = start_m + offs_m
         m_valid = _valid_rows(rows, first, n_rows, QUERY_TAIL)
         q = tl.load(q_base + rows[:, None] * (rate * sqn) + offs_d[None, :] * sqd,
@@ -507,9 +527,12 @@ def _dkdv_queries(
         lse2 = _empty_rows_give_zero(lse2, HAS_MASK)
         row_delta = tl.load(d_base + rows * rate, mask=m_valid, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-        keep = n_valid[:, None] & m_valid[None, :]
-        if IS_CAUSAL:
-            keep = keep & (offs_n[:, None] <= rows[None, :])
+        if EDGE:
+            keep = n_valid[:, None] & m_valid[None, :]
+            if IS_CAUSAL:
+                keep = keep & (offs_n[:, None] <= rows[None, :])
+        else:  # key rows past the segment have their own garbage, never stored
+            keep = n_valid[:, None]  # (the mask's loads only)
         if APPLY_MASK:
             if MASK_PER_QUERY:
                 q_rows = row0 - q_off + rows * rate
@@ -517,12 +540,38 @@ def _dkdv_queries(
                                   MASK_BOOL)
             else:
                 s_t += key_bias
-        p_t = _probs(s_t, lse2[None, :], keep, HAS_MASK and not MASK_BOOL)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        if EDGE:
+            p_t = _probs(s_t, lse2[None, :], keep, HAS_MASK and not MASK_BOOL)
+        else:
+            p_t = _weights(s_t, lse2[None, :], HAS_MASK and not MASK_BOOL)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - row_delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
+
+
+@triton.jit
+def _query_blocks(pid_n, n_rows, first, q_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, QUERY_TAIL: tl.constexpr):
+    """The query blocks a dk/dv program of key block ``pid_n`` walks, the query rows
+    ``[lo, q_end)`` cut into whole blocks (every row a query that sees every key of the block)
+    and edge blocks: (lo, whole blocks' start, their count, edge blocks from lo, edge blocks'
+    start after the whole ones, edge count). BLOCK_N is a multiple of BLOCK_M, so a causal key
+    block's diagonal covers whole query blocks."""
+    # Causal: query rows before this key block see none of it; start on a BLOCK_M boundary.
+    lo = pid_n * BLOCK_N if IS_CAUSAL else 0
+    whole_lo = lo + BLOCK_N if IS_CAUSAL else lo  # rows from here see the whole key block
+    if QUERY_TAIL:  # nor do rows before the first query
+        lo = tl.maximum(lo, (first // BLOCK_M) * BLOCK_M)
+        whole_lo = tl.maximum(whole_lo, (first + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    whole_hi = (q_end // BLOCK_M) * BLOCK_M
+    end = (q_end + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    head_end = tl.minimum(whole_lo, end)
+    tail = tl.maximum(whole_hi, head_end)
+    n_head = tl.maximum(head_end - lo, 0) // BLOCK_M
+    n_whole = tl.maximum(whole_hi - whole_lo, 0) // BLOCK_M
+    return lo, whole_lo, n_whole, n_head, tail, n_head + (end - tail) // BLOCK_M
 
 
 @_jit
@@ -558,6 +607,14 @@ def dilated_attention_bwd_dkdv_kernel(
     row0, n_rows = _segment_rows(seg, seg_len, N, offset, rate)
     if pid_n * BLOCK_N >= n_rows:
         return
+    if ACCUMULATE and fixed_offset < 0:
+        # No query head of this kv head in the launch uses this offset (mixture: one head per
+        # kv head without GQA, so rate - 1 of every rate programs): nothing to add. The first
+        # such head at or after the group's first head in the launch, ``a``, is past its last.
+        a = tl.maximum(kvh * kv_group, head_lo)
+        if a + (offset - a % rate + rate) % rate >= tl.minimum((kvh + 1) * kv_group,
+                                                               head_lo + head_count):
+            return
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -571,13 +628,7 @@ def dilated_attention_bwd_dkdv_kernel(
                 mask=n_valid[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], tl.float32)
-    # Causal: query rows before this key block see none of it; start on a BLOCK_M boundary.
-    lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
-    if QUERY_TAIL:  # nor do rows before the first query
-        first = _first_query_row(row0, q_off, rate)
-        lo = tl.maximum(lo, (first // BLOCK_M) * BLOCK_M)
-    else:
-        first = 0
+    first = _first_query_row(row0, q_off, rate) if QUERY_TAIL else 0
 
     q_end = n_rows
     if SPAN_FILTER != 0:
@@ -587,10 +638,12 @@ def dilated_attention_bwd_dkdv_kernel(
         span = _key_span_state(Counts, b, kvh, scb, sch, N, row0, pid_n * BLOCK_N,
                                tl.minimum((pid_n + 1) * BLOCK_N, n_rows), rate)
         if SPAN_FILTER == 1:
-            q_end = tl.where(span == _SPAN_NEUTRAL, n_rows, lo)
+            q_end = tl.where(span == _SPAN_NEUTRAL, n_rows, 0)
         else:
             if span != _SPAN_MIXED:
                 return
+    lo, whole_lo, n_whole, n_head, tail, n_edge = _query_blocks(
+        pid_n, n_rows, first, q_end, BLOCK_M, BLOCK_N, IS_CAUSAL, QUERY_TAIL)
 
     for g in range(0, kv_group):
         h = kvh * kv_group + g
@@ -601,12 +654,15 @@ def dilated_attention_bwd_dkdv_kernel(
             l_base = Lse + b * slb + h * slh + (row0 - q_off) * sln
             d_base = Delta + (b * num_heads + h) * NQ + (row0 - q_off)
             mask_base = _mask_base(Mask, b, h, smb, smh) + pos_n[:, None] * smk
-            dk, dv = _dkdv_queries(
-                dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, sqn, sqd, sgn, sgd, sln,
-                smq, offs_m, offs_n, offs_d, offs_dv, n_valid, row0, q_off, first, lo, q_end,
-                n_rows, rate, scale_log2, IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION,
-                QUERY_TAIL=QUERY_TAIL, HAS_MASK=HAS_MASK, APPLY_MASK=HAS_MASK and SPAN_FILTER != 1,
-                MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY, BLOCK_M=BLOCK_M)
+            for edge in tl.static_range(2):  # the whole blocks, then the edge ones
+                dk, dv = _dkdv_queries(
+                    dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, sqn, sqd, sgn, sgd,
+                    sln, smq, offs_m, offs_n, offs_d, offs_dv, n_valid, row0, q_off, first,
+                    lo if edge else whole_lo, n_head, tail, n_edge if edge else n_whole, n_rows,
+                    rate, scale_log2, IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION,
+                    QUERY_TAIL=QUERY_TAIL, HAS_MASK=HAS_MASK,
+                    APPLY_MASK=HAS_MASK and SPAN_FILTER != 1, MASK_BOOL=MASK_BOOL,
+                    MASK_PER_QUERY=MASK_PER_QUERY, EDGE=edge == 1, BLOCK_M=BLOCK_M)
 
     kv_row = (b * num_kv_heads + kvh) * N + pos_n
     dk_ptrs = DK + kv_row[:, None] * HEAD_DIM + offs_d[None, :]
@@ -658,8 +714,10 @@ class Launch:
     fixed_offset: int
 
     def covers_every_row(self, num_heads: int) -> bool:
-        """Whether this launch writes every query row: a rate-1 config over every head."""
-        return self.rate == 1 and self.head_count == num_heads
+        """Whether this launch writes every query row: a rate-1 config over every head. A
+        Python bool even for a symbolic ``num_heads`` (torch.compile with dynamic shapes), since
+        the launchers sort on it and Python cannot order a bool against a ``SymBool``."""
+        return self.rate == 1 and bool(self.head_count == num_heads)
 
 
 def plan_launches(
@@ -839,6 +897,7 @@ def forward(q, k, v, segment_lengths, dilation_rates, mode, is_causal, scale, at
     ``supports``; ``scale`` is resolved."""
     batch, num_heads, seq_q, head_dim = q.shape
     seq_k, head_dim_v = k.shape[2], v.shape[-1]
+    num_heads = int(num_heads)  # symbolic under dynamic shapes: see ``backward``
     lse_shape = (batch, num_heads, seq_q)
     if seq_q == 0:
         return q.new_empty(batch, num_heads, 0, head_dim_v), q.new_empty(lse_shape, dtype=torch.float32)
@@ -894,6 +953,9 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, segment_lengths, dilation_ra
     attends (with Nq < Nk, or masked out) get zero gradients."""
     batch, num_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    # Under torch.compile with dynamic shapes the head counts may be symbolic; the launch plan
+    # splits them into groups and offsets, so it takes them as they are (a guard on each).
+    num_heads, num_kv_heads = int(num_heads), int(num_kv_heads)
     if seq_q == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     launches = plan_launches(segment_lengths, dilation_rates, mode, num_heads)

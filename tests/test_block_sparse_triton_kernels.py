@@ -31,6 +31,7 @@ from test_triton_kernels import (
     _make_mask,
     _reference,
     _unattended_keys,
+    launch_symbolically,
     runs_kernels,
 )
 
@@ -208,6 +209,18 @@ def test_kernels_with_no_queries():
     assert out.shape == (1, 2, 0, 32) and lse.shape == (1, 2, 0)
     dq, dk, dv = kernels.backward(out, q, k, v, out, lse, None, *args)
     assert dq.shape == q.shape and torch.all(dk == 0) and torch.all(dv == 0)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_launchers_take_symbolic_shapes(is_causal, monkeypatch):
+    """The launchers' Python (the block index built on the device, the grids) runs on symbolic
+    sizes and head counts, as under torch.compile with dynamic shapes (the kernels mocked)."""
+    args = _pattern_args(BlockSparseSpec(64, local_blocks=1, global_blocks=1, random_blocks=1),
+                         is_causal, 0.125)
+    launched = launch_symbolically(kernels, monkeypatch, args, args)
+    combine = set() if is_causal else {"block_sparse_attention_fwd_combine_kernel"}
+    assert launched == {"block_sparse_fwd_bs64", "block_sparse_bwd_dq_bs64",
+                        "block_sparse_bwd_dkdv_bs64"} | combine
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])

@@ -148,11 +148,20 @@ def test_launch_order_with_symbolic_heads():
     assert [launch.rate for launch in launches] == [2, 4, 1]
 
 
-@pytest.mark.parametrize("mode", ["mixture", "head_groups"])
-def test_launchers_take_symbolic_shapes(mode, monkeypatch):
-    """What torch.compile with dynamic shapes hands the launchers: every size symbolic, the
-    head counts included. The launch plan's Python must run on them (the kernels themselves are
-    mocked: this runs on CPU fake tensors)."""
+class _Recorder:
+    """``_launcher(kernel)`` that records the launch instead (``[grid](*args)``)."""
+
+    def __init__(self, kernel, launched: set):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launched.add(self.kernel.fn.__name__)
+
+
+def launch_symbolically(module, monkeypatch, forward_args, backward_args) -> set[str]:
+    """Run ``module``'s forward and backward launchers as torch.compile with dynamic shapes
+    does: on fake tensors whose sizes, head counts included, are all symbolic (bf16, B=2, Hq=4,
+    Hkv=2, N=300, D=64), the kernels mocked. The registered kernel names launched."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import (
         DimDynamic,
@@ -160,21 +169,30 @@ def test_launchers_take_symbolic_shapes(mode, monkeypatch):
         StatelessSymbolicContext,
     )
 
-    launched = []
-    monkeypatch.setattr(kernels, "launch_tuned", lambda name, grid, *args, **kwargs: launched.append(
-        (name, grid({"BLOCK_M": 64, "BLOCK_N": 64}))))
-    monkeypatch.setattr(kernels, "launch_delta", lambda grad_out, out, lse, grad_lse: lse)
+    launched = set()
+    monkeypatch.setattr(module, "launch_tuned", lambda name, grid, *args, **kwargs: launched.add(
+        name) or grid({"BLOCK_M": 64, "BLOCK_N": 64}))
+    monkeypatch.setattr(module, "launch_delta", lambda grad_out, out, lse, grad_lse: lse)
+    if hasattr(module, "_launcher"):  # kernels launched untuned: ``_launcher(kernel)[grid](...)``
+        monkeypatch.setattr(module, "_launcher", lambda kernel: _Recorder(kernel, launched))
     fake = FakeTensorMode(shape_env=ShapeEnv())
     dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 4)
     q, k = (fake.from_tensor(torch.empty(2, h, 300, 64, dtype=torch.bfloat16), symbolic_context=dynamic)
             for h in (4, 2))
     assert isinstance(q.shape[1], torch.SymInt)
-    args = ([128, 256, 512], [1, 2, 4], mode, True, 0.125)
     with fake:
-        out, lse = kernels.forward(q, k, k, *args)
-        grads = kernels.backward(out, q, k, k, out, lse, None, *args)
+        out, lse = module.forward(q, k, k, *forward_args)
+        grads = module.backward(out, q, k, k, out, lse, None, *backward_args)
     assert out.shape == q.shape and [g.shape for g in grads] == [q.shape, k.shape, k.shape]
-    assert {name for name, _ in launched} == {"dilated_fwd", "dilated_bwd_dq", "dilated_bwd_dkdv"}
+    return launched
+
+
+@pytest.mark.parametrize("mode", ["mixture", "head_groups"])
+def test_launchers_take_symbolic_shapes(mode, monkeypatch):
+    """The launch plan's Python runs on symbolic sizes and head counts (the kernels mocked)."""
+    args = ([128, 256, 512], [1, 2, 4], mode, True, 0.125)
+    launched = launch_symbolically(kernels, monkeypatch, args, args)
+    assert launched == {"dilated_fwd", "dilated_bwd_dq", "dilated_bwd_dkdv"}
 
 
 def test_launches_group_head_parts():

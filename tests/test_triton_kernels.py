@@ -366,6 +366,11 @@ MASKED_RUNS = [(case, torch.float32) for case in MASKED_CASES] + [
     "case, dtype", MASKED_RUNS, ids=[f"{_masked_ids(c)}-{d}" for c, d in MASKED_RUNS]
 )
 def test_kernels_with_masks_and_fewer_queries(case, dtype):
+    _check_masked_case(case, dtype)
+
+
+def _check_masked_case(case, dtype):
+    """The kernels against the float64 reference on one case of ``MASKED_CASES``' form."""
     b, hq, hkv, nq, nk, segment_lengths, dilation_rates, mode, is_causal, mask_kind = case
     spec = DilatedSpec(segment_lengths, dilation_rates, mode)
     g = torch.Generator().manual_seed(hash(case) % 1000)
@@ -434,20 +439,4 @@ def uneven_tiles(monkeypatch):
 @runs_kernels
 @pytest.mark.parametrize("case", UNEVEN_TILE_CASES, ids=_masked_ids)
 def test_kernels_with_uneven_tiles(case, uneven_tiles):
-    b, hq, hkv, nq, nk, segment_lengths, dilation_rates, mode, is_causal, mask_kind = case
-    spec = DilatedSpec(segment_lengths, dilation_rates, mode)
-    g = torch.Generator().manual_seed(hash(case) % 1000)
-    shapes = ((b, hq, nq, 32), (b, hkv, nk, 32), (b, hkv, nk, 32), (b, hq, nq, 32), (b, hq, nq))
-    q, k, v, grad_out, grad_lse = (
-        torch.randn(s, generator=g, dtype=torch.float64).float().double() for s in shapes
-    )
-    mask = _make_mask(mask_kind, b, hq, nq, nk, torch.float32, g)
-    ref_out, ref_lse, ref_grads = _reference(q, k, v, spec, is_causal, grad_out, grad_lse, mask)
-    grad_lse = torch.where(torch.isfinite(ref_lse), grad_lse, 0)
-
-    dq_, kd, vd, god = (t.to(DEVICE, torch.float32) for t in (q, k, v, grad_out))
-    view = None if mask is None else expand_attn_mask(mask.to(DEVICE), dq_, kd)
-    args = (list(segment_lengths), list(dilation_rates), mode, is_causal, 32 ** -0.5, view)
-    out, lse = kernels.forward(dq_, kd, vd, *args)
-    grads = kernels.backward(god, dq_, kd, vd, out, lse, grad_lse.to(DEVICE, torch.float32), *args)
-    _assert_matches(out, lse, grads, ref_out, ref_lse, ref_grads, torch.float32)
+    _check_masked_case(case, torch.float32)

@@ -223,8 +223,10 @@ def _fwd_tile(
     RAW: tl.constexpr,
 ):
     """One online-softmax step over the keys ``key0 + offs_n``. ``on_edge`` (the row's last
-    block): apply the bounds and causal masks; a branch uniform over the program, so the other
-    steps pay nothing for it. ``RAW``: see ``_online_softmax``."""
+    block): apply the bounds and causal masks. A runtime branch, which the compiler turns into
+    a select on every step (``benchmarks/kernel_sass.py``); the edge steps as a loop of their
+    own measured slower on the H200 (each pipelined loop takes its own shared-memory buffers).
+    ``RAW``: see ``_online_softmax``."""
     keys = key0 + offs_n
     k, v = _load_keys(k_ptrs, v_ptrs, key0, keys, N, skn, svn, K_TRANSPOSED=True)
     s = _scores(tl.dot(q, k, input_precision=DOT_PRECISION), scale_log2, RAW)
@@ -414,7 +416,7 @@ def _dkdv_tile(
 ):
     """dk, dv of a program's key tile from the query positions ``pos0 + offs_m`` of one head
     (tiles transposed: keys down, queries along). ``on_diagonal``: the causal mask (the key
-    block's own query block), a branch uniform over the program. Rows outside the queries are
+    block's own query block), a runtime branch as ``_fwd_tile``'s edge. Rows outside the queries are
     loaded as zeros (q, dO, lse, Delta), so their contributions vanish."""
     pos = pos0 + offs_m
     m_valid = (pos >= q_off) & (pos < N)

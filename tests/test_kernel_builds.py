@@ -1,33 +1,29 @@
-"""Every Triton kernel builds however its integer arguments are specialised.
+"""The Triton kernels built for sm_90 on this machine (no GPU): every kernel builds however its
+integer arguments are specialised, and the dilated backward's whole tiles carry no per-pair check.
 
 Triton's launcher passes an integer argument equal to 1 as a constexpr unless the kernel says
 ``do_not_specialize``, and the kernels say so for the scalars that vary with the pattern, the
 heads and N. torch.compile's launch path (Inductor, ``wrap_triton``) specialises them anyway,
 so a kernel whose code rebinds such a scalar inside a runtime branch builds in eager and fails
 only under torch.compile, and only on the calls where that scalar is 1 (a head group of rate 1,
-say). This builds each kernel's Triton IR (the front end only: no GPU, no ptxas, ~0.05 s a
-build) for an sm_90 target with each of those scalars in turn a constexpr 1, over constexpr
-settings that switch on every optional path.
+say). This builds each kernel's Triton IR (``offline.build_ir``: the front end only, no GPU,
+~0.05 s a build) for an sm_90 target with each of those scalars in turn a constexpr 1, over
+constexpr settings that switch on every optional path.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import pytest
 
 triton = pytest.importorskip("triton")
 
+from dilated_compile.ops._triton.offline import build_ir, loop_bodies, sass  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1", reason="builds compiled kernels: not under the interpreter"
 )
-
-# Pointer arguments by their names (the integer N and NQ aside, every capitalised argument is
-# a tensor); float32 tensors among them.
-_FLOAT32_POINTERS = {"Lse", "Delta", "Prev", "Part", "PartLse"}
-_INT_POINTERS = {"Counts", "KvIdx", "KvCnt", "Identity", "QPtr", "QIdx"}
-_CAPITALISED_INTS = {"N", "NQ"}
 
 # Constexpr settings: every optional path off, then on (masks of both kinds, key-padding
 # launches, fewer queries than keys, grouped parts, merging and accumulating launches).
@@ -39,8 +35,6 @@ _SETTINGS = [
     dict(IS_CAUSAL=False, PARTS=3, QUERY_TAIL=True, HAS_MASK=True, MASK_BOOL=False,
          MASK_PER_QUERY=True, SPAN_FILTER=1, MERGE=True, ACCUMULATE=True, SPLIT_DENSE=False),
 ]
-_COMMON = dict(HEAD_DIM=64, HEAD_DIM_V=64, DOT_PRECISION="tf32", FUSED_SCALE=True, BLOCK_M=64,
-               BLOCK_N=64)
 
 
 def _kernels():
@@ -54,50 +48,6 @@ def _kernels():
     return sorted(kernels.values())
 
 
-def _signature(fn, ones: set[str], constexprs: dict):
-    signature, constants = {}, {}
-    for param in fn.params:
-        name = param.name
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-            constants[name] = constexprs.get(name, _COMMON.get(name, 128))
-        elif name in ones:
-            signature[name] = "constexpr"
-            constants[name] = 1
-        elif name.startswith("scale"):
-            signature[name] = "fp32"
-        elif (name[0].isupper() and name not in _CAPITALISED_INTS) or name == "dOut":
-            if name in _FLOAT32_POINTERS:
-                signature[name] = "*fp32"
-            elif name in _INT_POINTERS:
-                signature[name] = "*i32"
-            else:
-                signature[name] = "*u8" if name == "Mask" else "*bf16"
-        else:
-            signature[name] = "i32"
-    return signature, constants
-
-
-def _build(fn, ones: set[str], constexprs: dict) -> None:
-    """Triton IR of ``fn`` for sm_90: raises ``CompilationError`` where the front end does."""
-    from triton._C.libtriton import ir
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler.compiler import make_backend
-
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    options = backend.parse_options({})
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    source = ASTSource(fn, *_signature(fn, ones, constexprs))
-    args = (options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
-    if "target" in inspect.signature(source.make_ir).parameters:
-        args = (target, *args)
-    source.make_ir(*args)
-
-
 @pytest.mark.parametrize("name, fn", _kernels(), ids=lambda x: x if isinstance(x, str) else "")
 def test_kernels_build_with_any_scalar_specialised(name, fn):
     scalars = [p.name for p in fn.params if p.do_not_specialize and not p.is_constexpr]
@@ -106,8 +56,26 @@ def test_kernels_build_with_any_scalar_specialised(name, fn):
     for settings in _SETTINGS:
         for one in [None, *scalars]:
             try:
-                _build(fn, {one} - {None}, settings)
+                build_ir(fn, settings, {one} - {None})
             except triton.compiler.errors.CompilationError as error:
                 failures.append((f"{one}=1 with {settings}", error))
     assert not failures, (f"{name} fails to build with " + "; ".join(f for f, _ in failures[:5])
                           + f"\nthe first error:\n{failures[0][1]}")
+
+
+# (kernel, causal, config): a causal dq program's edge is one block (no loop at BLOCK_M == BLOCK_N).
+@pytest.mark.parametrize("name, causal, config", [("dilated_bwd_dq", False, (64, 64, 4, 3)),
+                                                  ("dilated_bwd_dkdv", True, (64, 128, 8, 3))])
+def test_whole_tiles_have_no_per_pair_select(name, causal, config):
+    """The dq and dk/dv kernels walk their whole tiles in a loop of their own with no bounds or
+    causal check: a select per score (FSEL) costs ~20% of an iteration at head dim 64. The edge
+    loop after it keeps the checks. Compiled to SASS with ptxas and read back with nvdisasm,
+    both shipped with Triton's NVIDIA backend."""
+    from dilated_compile.ops._triton.tuning import REGISTRY
+
+    block_m, block_n, warps, stages = config
+    code = sass(REGISTRY[name].fn, dict(IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n), warps,
+                stages)
+    whole, edge = [body for body in loop_bodies(code) if body["HGMMA"]][:2]
+    assert whole["MUFU"] > 0 and whole["FSEL"] == 0, whole
+    assert edge["FSEL"] > 0, edge

@@ -134,6 +134,30 @@ def test_launch_plan_puts_a_rate_one_config_first():
     assert [(g.head_lo, g.head_count, g.fixed_offset) for g in groups] == [(0, 2, 0), (2, 2, 1), (4, 1, 2)]
 
 
+def test_configs_keep_the_walks_block_aligned():
+    """Every candidate config (and the shipped ones, which are candidates) of the forward and dq
+    kernels has BLOCK_M a multiple of BLOCK_N, every dk/dv config BLOCK_N a multiple of BLOCK_M:
+    the whole/edge split of each walk (``_key_range``, ``_query_blocks``) relies on it."""
+    import json
+
+    from dilated_compile.ops._triton.tuning import TABLE_PATH
+
+    lists = {"fwd": kernels._FWD_CONFIGS + kernels._FWD_CONFIGS_FP32,
+             "dq": kernels._DQ_CONFIGS + kernels._DQ_CONFIGS_FP32,
+             "dkdv": kernels._DKDV_CONFIGS + kernels._DKDV_CONFIGS_FP32}
+    tiles = {kind: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs]
+             for kind, configs in lists.items()}
+    for device in json.loads(TABLE_PATH.read_text())["devices"].values():
+        for name, entries in device["kernels"].items():
+            kind = name.removeprefix("dilated_").removeprefix("bwd_").removesuffix("_fp32")
+            if kind in tiles:
+                tiles[kind] += [(e["kwargs"]["BLOCK_M"], e["kwargs"]["BLOCK_N"])
+                                for e in entries.values()]
+    for kind, shapes in tiles.items():
+        for block_m, block_n in shapes:
+            assert (block_m % block_n if kind != "dkdv" else block_n % block_m) == 0, (kind, block_m, block_n)
+
+
 def test_launch_order_with_symbolic_heads():
     """Under torch.compile with dynamic shapes the head count is a SymInt: the forward's launch
     order (rate-1 config over every head last) must still sort, on Python bools."""

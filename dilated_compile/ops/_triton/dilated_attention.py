@@ -86,7 +86,9 @@ _SCALARS = [
 _jit = jit_with_scalars(_SCALARS)
 
 
-# BLOCK_M is a multiple of BLOCK_N in every forward config (the causal split relies on it).
+# BLOCK_M is a multiple of BLOCK_N in every forward and dq config, and BLOCK_N of BLOCK_M in
+# every dk/dv config: the split of each walk into whole and edge blocks relies on it (the causal
+# diagonal then covers whole blocks).
 # float32 tiles take twice the shared memory, so float32 inputs get a kernel tuned over smaller
 # blocks (the first of each list fits every supported head dim).
 _FWD_CONFIGS = _configs([

@@ -244,10 +244,10 @@ def _key_span_state(Counts, b, h, scb, sch, N, row0, lo_row, hi_row, rate):
 @triton.jit
 def _key_range(block, n_rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_CAUSAL: tl.constexpr):
-    """(full_end, hi): the key rows ``[0, hi)`` a forward program of row block ``block`` walks,
-    those before ``full_end`` needing no bounds or causal check. Those come first (BLOCK_M is a
-    multiple of BLOCK_N, so the causal diagonal starts on a block boundary), then the partly
-    masked tail."""
+    """(full_end, hi): the key rows ``[0, hi)`` a query-side program (forward, dq) of row block
+    ``block`` walks, those before ``full_end`` needing no bounds or causal check. Those come
+    first (BLOCK_M is a multiple of BLOCK_N, so the causal diagonal starts on a block boundary),
+    then the partly masked tail."""
     if IS_CAUSAL:
         full_end = block * BLOCK_M
         hi = tl.minimum((block + 1) * BLOCK_M, n_rows)
@@ -260,44 +260,40 @@ def _key_range(block, n_rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 @triton.jit
 def _fwd_keys(
     acc, l_i, m_i, q, k_base, v_base, k_step, v_step, skd, svd, mask_rows, mask_keys, smk,
-    offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, full_end, hi, scale_log2,
+    offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, lo, hi, scale_log2,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
     APPLY_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
-    RAW: tl.constexpr, BLOCK_N: tl.constexpr,
+    RAW: tl.constexpr, EDGE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The forward's online softmax over the key rows ``[0, hi)`` of a program's segment: the
-    blocks before ``full_end`` need no bounds or causal check, the rest do. ``APPLY_MASK``: read
-    and add the mask (``HAS_MASK`` alone keeps the guards for rows a mask may empty).
-    ``RAW``: scores stay raw products, the scale applied in the exponent (``_online_softmax``)."""
+    """The forward's online softmax over the key rows ``[lo, hi)`` of a program's segment.
+    ``EDGE``: the tiles may reach past the rows or onto the causal diagonal, so each pair is
+    checked; without it (the blocks before ``_key_range``'s ``full_end``) none is, and the loads
+    are unmasked. ``APPLY_MASK``: read and add the mask (``HAS_MASK`` alone keeps the guards for
+    rows a mask may empty). ``RAW``: scores stay raw products, the scale applied in the exponent
+    (``_online_softmax``)."""
     if APPLY_MASK:
         # Each tile's entries are loaded one tile ahead, so the load's latency hides behind a
         # tile of work: the pipeliner prefetches only the loads that feed a dot.
-        mask_next = _mask_tile(mask_rows, mask_keys, 0, offs_n, n_rows, rate, smk, m_valid,
+        mask_next = _mask_tile(mask_rows, mask_keys, lo, offs_n, n_rows, rate, smk, m_valid,
                                MASK_PER_QUERY)
-    for start_n in range(0, full_end, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(k_base + cols[None, :] * k_step + offs_d[:, None] * skd)
-        v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd)
+        if EDGE:
+            n_valid = cols < n_rows
+            k = tl.load(k_base + cols[None, :] * k_step + offs_d[:, None] * skd,
+                        mask=n_valid[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd,
+                        mask=n_valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + cols[None, :] * k_step + offs_d[:, None] * skd)
+            v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd)
         s = _scores(tl.dot(q, k, input_precision=DOT_PRECISION), scale_log2, RAW)
+        if EDGE:
+            keep = n_valid[None, :]
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
         if APPLY_MASK:
-            s += _bias_of(mask_next, MASK_BOOL)
-            mask_next = _mask_tile(mask_rows, mask_keys, start_n + BLOCK_N, offs_n, n_rows, rate,
-                                   smk, m_valid, MASK_PER_QUERY)
-        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, scale_log2, RAW, HAS_MASK,
-                                        DOT_PRECISION)
-    for start_n in range(full_end, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_valid = cols < n_rows
-        k = tl.load(k_base + cols[None, :] * k_step + offs_d[:, None] * skd,
-                    mask=n_valid[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd,
-                    mask=n_valid[:, None], other=0.0)
-        s = _scores(tl.dot(q, k, input_precision=DOT_PRECISION), scale_log2, RAW)
-        keep = n_valid[None, :]
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
-        s = tl.where(keep, s, float("-inf"))
-        if APPLY_MASK:  # the tile after the last full one is the first of these
             s += _bias_of(mask_next, MASK_BOOL)
             mask_next = _mask_tile(mask_rows, mask_keys, start_n + BLOCK_N, offs_n, n_rows, rate,
                                    smk, m_valid, MASK_PER_QUERY)
@@ -363,13 +359,16 @@ def dilated_attention_fwd_kernel(
                 return
             full_end = tl.where(span == _SPAN_REMOVED, 0, full_end)
             hi = tl.where(span == _SPAN_REMOVED, 0, hi)
-    acc, l_i, m_i = _fwd_keys(
-        acc, l_i, m_i, q, k_base, v_base, rate * skn, rate * svn, skd, svd, mask_rows, mask_keys,
-        smk, offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate, full_end, hi, scale_log2,
-        IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
-        APPLY_MASK=HAS_MASK and SPAN_FILTER != 1, MASK_BOOL=MASK_BOOL,
-        MASK_PER_QUERY=MASK_PER_QUERY, RAW=FUSED_SCALE and not (HAS_MASK and SPAN_FILTER != 1),
-        BLOCK_N=BLOCK_N)
+    for edge in tl.static_range(2):  # the full blocks, then the edge ones
+        acc, l_i, m_i = _fwd_keys(
+            acc, l_i, m_i, q, k_base, v_base, rate * skn, rate * svn, skd, svd, mask_rows,
+            mask_keys, smk, offs_m, offs_n, offs_d, offs_dv, m_valid, n_rows, rate,
+            full_end if edge else 0, hi if edge else full_end, scale_log2,
+            IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
+            APPLY_MASK=HAS_MASK and SPAN_FILTER != 1, MASK_BOOL=MASK_BOOL,
+            MASK_PER_QUERY=MASK_PER_QUERY,
+            RAW=FUSED_SCALE and not (HAS_MASK and SPAN_FILTER != 1), EDGE=edge == 1,
+            BLOCK_N=BLOCK_N)
 
     if HAS_MASK:  # a row that kept no key: out 0, lse -inf + log2(1) = -inf
         l_i = tl.where(l_i == 0.0, 1.0, l_i)

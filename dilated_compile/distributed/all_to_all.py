@@ -42,7 +42,7 @@ def _others(plan: Plan) -> str:
     return "strategy='all_gather' or 'ring'"
 
 
-def check_all_to_all(plan: Plan, q_heads: int, has_mask: bool = False) -> None:
+def check_all_to_all(plan: Plan, q_heads: int) -> None:
     """ValueError naming the reason and the strategies to use, when this call is not exact."""
     w = plan.world
     if q_heads % w:
@@ -92,7 +92,7 @@ def all_to_all_attention(
     """This rank's attention rows. Shapes: q ``[B, Hq, n_r, D]``, k ``[B, Hkv, n_r, D]``, v
     ``[B, Hkv, n_r, Dv]`` -> ``[B, Hq, n_r, Dv]``."""
     q_heads, kv_heads, w = q.shape[1], k.shape[1], plan.world
-    check_all_to_all(plan, q_heads, attn_mask is not None)
+    check_all_to_all(plan, q_heads)
     if kv_heads % w:
         # GQA with too few kv heads to split: repeat each the fewest times f (a divisor of the
         # group size) that makes them split; query head h still reads a copy of kv head h // g.

@@ -32,11 +32,11 @@ _RUN = {"all_gather": all_gather_attention, "all_to_all": all_to_all_attention, 
 _DENSE_JSON = '{"kind": "dense"}'
 
 
-def _check(strategy: str, plan: Plan, q_heads: int, has_mask: bool) -> None:
+def _check(strategy: str, plan: Plan, q_heads: int) -> None:
     if strategy == "all_gather":
         check_all_gather(plan)
     elif strategy == "all_to_all":
-        check_all_to_all(plan, q_heads, has_mask)
+        check_all_to_all(plan, q_heads)
     else:
         check_ring(plan)
 
@@ -45,7 +45,7 @@ def choose_strategy(requested: str, plan: Plan, q_heads: int, has_mask: bool) ->
     """The strategy that computes this call (``requested`` unless ``"auto"``); ValueError, naming
     the strategies that can, when it cannot."""
     if requested != "auto":
-        _check(requested, plan, q_heads, has_mask)
+        _check(requested, plan, q_heads)
         return requested
     if plan.kind == "dense":
         order = ("ring", "all_gather")
@@ -60,7 +60,7 @@ def choose_strategy(requested: str, plan: Plan, q_heads: int, has_mask: bool) ->
     first_error = None
     for strategy in order:
         try:
-            _check(strategy, plan, q_heads, has_mask)
+            _check(strategy, plan, q_heads)
             return strategy
         except ValueError as error:
             first_error = first_error or error

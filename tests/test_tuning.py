@@ -14,6 +14,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from dilated_compile.ops._triton import block_sparse_attention, dilated_attention, tuning  # noqa: E402, F401
+from test_triton_kernels import _Recorder  # noqa: E402
 
 
 def _config(m, n, warps, stages):
@@ -160,15 +161,11 @@ def test_shipped_table_holds_every_key_of_the_tuning_workload(monkeypatch):
     def delta(grad_out, *rest):
         return grad_out[..., 0].float()
 
-    class NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
     families = (dilated_attention, block_sparse_attention)
     for module in families:
         monkeypatch.setattr(module, "launch_tuned", record)
         monkeypatch.setattr(module, "launch_delta", delta)
-    monkeypatch.setattr(block_sparse_attention, "_launcher", lambda kernel: NoLaunch())
+    monkeypatch.setattr(block_sparse_attention, "_launcher", lambda kernel: _Recorder(kernel, set()))
     segments, rates = [2048, 4096, 8192, 16384], [1, 2, 4, 8]
     layouts = [(4, 0, 0), (1, 2, 3)]  # tune's block-sparse "local" and "bigbird"
     for d in (64, 128):

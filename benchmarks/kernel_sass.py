@@ -35,14 +35,13 @@ STANDARD = {
 }
 
 
-def shipped_config(name: str, key_start: list, device: str = "NVIDIA H200") -> tuple[int, ...]:
-    """(BLOCK_M, BLOCK_N, warps, stages) of the shipped table's first entry for kernel ``name``
-    on ``device`` whose tuning key starts with ``key_start``."""
+def shipped_config(name: str, key_start: list, device: str = "NVIDIA H200") -> tuple:
+    """(constexprs: BLOCK_M, BLOCK_N and any others, warps, stages) of the shipped table's first
+    entry for kernel ``name`` on ``device`` whose tuning key starts with ``key_start``."""
     entries = json.loads(TABLE_PATH.read_text())["devices"][device]["kernels"][name]
     for key, config in entries.items():
         if json.loads(key)[: len(key_start)] == key_start:
-            return (config["kwargs"]["BLOCK_M"], config["kwargs"]["BLOCK_N"], config["num_warps"],
-                    config["num_stages"])
+            return config["kwargs"], config["num_warps"], config["num_stages"]
     raise KeyError(f"{name}: no shipped config for a key starting {key_start}")
 
 
@@ -60,14 +59,16 @@ def main():
     for name in args.kernels:
         constexprs, key_start = STANDARD[name]
         for causal in (True,) if args.causal else (False, True):
-            block_m, block_n, warps, stages = shipped_config(name, key_start(causal))
+            config, warps, stages = shipped_config(name, key_start(causal))
             text = sass(REGISTRY[name].fn,
-                        dict(constexprs, IS_CAUSAL=causal, SPLIT_DENSE=not causal,
-                             BLOCK_M=block_m, BLOCK_N=block_n), warps, stages)
+                        dict(constexprs, IS_CAUSAL=causal, SPLIT_DENSE=not causal, **config), warps,
+                        stages)
+            tile = f"{config['BLOCK_M']}×{config['BLOCK_N']}" + (
+                " by query" if config.get("BY_QUERY") else "")
             loops = [body for body in loop_bodies(text) if body["HGMMA"]]
             for index, body in enumerate(loops):
                 counts = " | ".join(str(body[op]) for op in SHOWN)
-                print(f"| {name} | {causal} | {block_m}×{block_n}, {warps}, {stages} | {index} | "
+                print(f"| {name} | {causal} | {tile}, {warps}, {stages} | {index} | "
                       f"{sum(body.values())} | {counts} |", flush=True)
 
 

@@ -9,9 +9,13 @@ and benchmarks none. To tune for your GPU or your own shapes::
     python -m dilated_compile.tune --out my_configs.json                      # the standard set
     python -m dilated_compile.tune --out my_configs.json --n 32768 \\
         --segment-lengths 1024 2048 4096 --dilation-rates 1 2 4 --head-dim 128
+    python -m dilated_compile.tune --out my_configs.json --kernels dilated_bwd_dkdv  # one kernel
     export DILATED_COMPILE_TUNED_CONFIGS=my_configs.json                     # use it
 
-An existing ``--out`` file is updated: this GPU's entries are merged in, other GPUs' kept.
+An existing ``--out`` file is updated: this GPU's entries are merged in, other GPUs' kept. With
+``--kernels`` only the kernels named by those prefixes autotune and are written (the others run
+with the table's configs): after changing one kernel, ``--out`` the package's table and
+``--kernels`` that kernel re-tune its entries alone.
 Tuning takes about a minute per shape class at 64K tokens. The configs never change results.
 """
 
@@ -37,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--kernels", nargs="+", default=None, metavar="PREFIX",
+                        help="tune only the kernels whose names start with these (for example "
+                             "dilated_bwd_dkdv); the others run with the table's configs")
     parser.add_argument("--skip-block-sparse", action="store_true")
     parser.add_argument("--skip-dilated", action="store_true")
     return parser
@@ -102,20 +109,30 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("DILATED_COMPILE_AUTOTUNE", "auto") == "0":
         print("DILATED_COMPILE_AUTOTUNE=0 keeps one config per kernel: unset it to tune", file=sys.stderr)
         return 2
-    os.environ["DILATED_COMPILE_AUTOTUNE"] = "1"  # every launch autotunes (the table is not read)
     import torch
 
+    from dilated_compile.ops._triton import tuning
+
+    if args.kernels:
+        # Only the named kernels autotune (and are written); the others take the table's configs.
+        try:
+            tuning.retune(tuple(args.kernels))
+        except ValueError as error:
+            print(f"--kernels: {error}", file=sys.stderr)
+            return 2
+    else:
+        os.environ["DILATED_COMPILE_AUTOTUNE"] = "1"  # every launch autotunes (the table is not read)
     if not torch.cuda.is_available():
         print("tuning needs a CUDA GPU", file=sys.stderr)
         return 2
-    from dilated_compile.ops._triton.tuning import tuned_entries
 
     for label, run in _workloads(args):
         start = time.perf_counter()
         out = run()
         out.float().square().mean().backward()
         torch.cuda.synchronize()
-        count = _write(args.out, tuned_entries())  # after each workload: an interrupted run keeps its work
+        # After each workload: an interrupted run keeps its work.
+        count = _write(args.out, tuning.tuned_entries())
         print(f"{label}: tuned in {time.perf_counter() - start:.1f} s ({count} configs)", flush=True)
     print(f"wrote the tuned configs for {torch.cuda.get_device_name()} to {args.out}")
     return 0

@@ -227,3 +227,30 @@ def test_launchers_take_symbolic_shapes(is_causal, monkeypatch):
 def test_kernels_are_for_cuda_only(device):
     q = torch.empty(1, 2, 64, 64, device=device)
     assert not kernels.supports(q, q, q, 128)
+
+
+# The dk/dv kernel with its score tiles laid [queries, keys] (the ``BY_QUERY`` candidates the
+# tuning may pick), on the cases with a causal diagonal, GQA, fewer queries and each mask kind.
+BY_QUERY_CASES = ["band-ragged-causal", "bigbird-gqa-causal", "tail-causal", "key-padding",
+                  "float-rows-tail-causal", "bool-full-block32"]
+
+
+@pytest.fixture
+def dkdv_by_query(monkeypatch):
+    import triton
+
+    from dilated_compile.ops._triton.tuning import REGISTRY
+
+    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "0")  # on CUDA: the (patched) first config
+    for name, autotuner in REGISTRY.items():
+        if name.startswith("block_sparse_bwd_dkdv"):
+            config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BY_QUERY": True}, num_warps=4,
+                                   num_stages=2)
+            monkeypatch.setattr(autotuner, "configs", [config])
+
+
+@runs_kernels
+@pytest.mark.parametrize("name", BY_QUERY_CASES)
+def test_dkdv_with_score_tiles_by_query(name, dkdv_by_query):
+    case = next(c for c in CASES if c[0] == name)
+    test_kernels_match_float64_reference(case, torch.float32)

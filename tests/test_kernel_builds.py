@@ -26,14 +26,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 # Constexpr settings: every optional path off, then on (masks of both kinds, key-padding
-# launches, fewer queries than keys, grouped parts, merging and accumulating launches).
+# launches, fewer queries than keys, grouped parts, merging and accumulating launches, dk/dv
+# score tiles laid [queries, keys]).
 _SETTINGS = [
     dict(IS_CAUSAL=False, PARTS=1, QUERY_TAIL=False, HAS_MASK=False, MASK_BOOL=False,
          MASK_PER_QUERY=False, SPAN_FILTER=0, MERGE=False, ACCUMULATE=False, SPLIT_DENSE=False),
     dict(IS_CAUSAL=True, PARTS=4, QUERY_TAIL=True, HAS_MASK=True, MASK_BOOL=True,
-         MASK_PER_QUERY=False, SPAN_FILTER=2, MERGE=True, ACCUMULATE=True, SPLIT_DENSE=True),
+         MASK_PER_QUERY=False, SPAN_FILTER=2, MERGE=True, ACCUMULATE=True, SPLIT_DENSE=True,
+         BY_QUERY=True),
     dict(IS_CAUSAL=False, PARTS=3, QUERY_TAIL=True, HAS_MASK=True, MASK_BOOL=False,
-         MASK_PER_QUERY=True, SPAN_FILTER=1, MERGE=True, ACCUMULATE=True, SPLIT_DENSE=False),
+         MASK_PER_QUERY=True, SPAN_FILTER=1, MERGE=True, ACCUMULATE=True, SPLIT_DENSE=False,
+         BY_QUERY=True),
 ]
 
 
@@ -63,10 +66,14 @@ def test_kernels_build_with_any_scalar_specialised(name, fn):
                           + f"\nthe first error:\n{failures[0][1]}")
 
 
-# (kernel, causal, config): a causal dq program's edge is one block (no loop at BLOCK_M == BLOCK_N).
-@pytest.mark.parametrize("name, causal, config", [("dilated_bwd_dq", False, (64, 64, 4, 3)),
-                                                  ("dilated_bwd_dkdv", True, (64, 128, 8, 3))])
-def test_whole_tiles_have_no_per_pair_select(name, causal, config):
+# (kernel, causal, config, constexprs): a causal dq program's edge is one block (no loop at
+# BLOCK_M == BLOCK_N).
+@pytest.mark.parametrize("name, causal, config, constexprs", [
+    ("dilated_bwd_dq", False, (64, 64, 4, 3), {}),
+    ("dilated_bwd_dkdv", True, (64, 128, 8, 3), {}),
+    ("dilated_bwd_dkdv", True, (64, 64, 4, 3), dict(BY_QUERY=True)),
+])
+def test_whole_tiles_have_no_per_pair_select(name, causal, config, constexprs):
     """The dq and dk/dv kernels walk their whole tiles in a loop of their own with no bounds or
     causal check: a select per score (FSEL) costs ~20% of an iteration at head dim 64. The edge
     loop after it keeps the checks. Compiled to SASS with ptxas and read back with nvdisasm,
@@ -74,8 +81,8 @@ def test_whole_tiles_have_no_per_pair_select(name, causal, config):
     from dilated_compile.ops._triton.tuning import REGISTRY
 
     block_m, block_n, warps, stages = config
-    code = sass(REGISTRY[name].fn, dict(IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n), warps,
-                stages)
+    code = sass(REGISTRY[name].fn,
+                dict(constexprs, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n), warps, stages)
     whole, edge = [body for body in loop_bodies(code) if body["HGMMA"]][:2]
     assert whole["MUFU"] > 0 and whole["FSEL"] == 0, whole
     assert edge["FSEL"] > 0, edge

@@ -456,11 +456,46 @@ def uneven_tiles(monkeypatch):
     monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "0")  # on CUDA: the (patched) first config
     for name, (block_m, block_n) in _UNEVEN_TILES.items():
         for variant in (name, f"{name}_fp32"):
-            config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=2)
+            fields = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+            if name == "dilated_bwd_dkdv":
+                fields["BY_QUERY"] = False
+            config = triton.Config(fields, num_warps=4, num_stages=2)
             monkeypatch.setattr(REGISTRY[variant], "configs", [config])
 
 
 @runs_kernels
 @pytest.mark.parametrize("case", UNEVEN_TILE_CASES, ids=_masked_ids)
 def test_kernels_with_uneven_tiles(case, uneven_tiles):
+    _check_masked_case(case, torch.float32)
+
+
+# The dk/dv kernel with its score tiles laid [queries, keys] (the ``BY_QUERY`` candidates the
+# tuning may pick): GQA, causal diagonals over uneven tiles, fewer queries, both mask kinds.
+BY_QUERY_CASES = [
+    (1, 4, 2, 45, 45, (8, 16, 32), (1, 2, 4), "mixture", True, None),
+    (1, 6, 3, 33, 33, (16, 32), (2, 3), "head_groups", False, None),
+    (1, 4, 2, 19, 45, (8, 16, 32), (1, 2, 4), "mixture", True, None),  # Nq < Nk
+    (1, 4, 2, 100, 100, (64, 32), (1, 2), "mixture", True, None),  # diagonal over 2 blocks
+    (1, 4, 2, 11, 45, (8, 16, 32), (1, 2, 4), "mixture", False, "float-qk"),  # per-query mask
+    (2, 4, 2, 45, 45, (8, 16), (1, 2), "mixture", False, "bool-pad"),  # key padding, 2 launches
+    (2, 3, 1, 25, 25, (64, 7), (3, 2), "mixture", False, "float-b11k"),  # one key vector, MQA
+]
+
+
+@pytest.fixture
+def dkdv_by_query(monkeypatch):
+    import triton
+
+    from dilated_compile.ops._triton.tuning import REGISTRY
+
+    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "0")  # on CUDA: the (patched) first config
+    for variant in ("dilated_bwd_dkdv", "dilated_bwd_dkdv_fp32"):
+        config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BY_QUERY": True}, num_warps=4,
+                               num_stages=2)
+        monkeypatch.setattr(REGISTRY[variant], "configs", [config])
+
+
+@runs_kernels
+@pytest.mark.parametrize("case", BY_QUERY_CASES, ids=_masked_ids)
+def test_dkdv_with_score_tiles_by_query(case, dkdv_by_query):
     _check_masked_case(case, torch.float32)

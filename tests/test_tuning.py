@@ -120,6 +120,7 @@ def test_the_shipped_table_names_registered_kernels_and_their_candidates():
     """A stale table (a renamed kernel, a config no longer among the candidates) fails here."""
     table = json.loads(tuning.TABLE_PATH.read_text())["devices"]
     assert table, "the package ships tuned configs for at least one GPU"
+    candidates = _candidates()
     for device, entry in table.items():
         assert {"capability", "triton", "torch", "kernels"} <= entry.keys(), device
         for kernel, keys in entry["kernels"].items():
@@ -127,7 +128,46 @@ def test_the_shipped_table_names_registered_kernels_and_their_candidates():
             for key, config in keys.items():
                 assert len(json.loads(key)) >= len(tuning.REGISTRY[kernel].keys), (kernel, key)
                 assert set(config) == {"kwargs", "num_warps", "num_stages"}
-                assert set(config["kwargs"]) == {"BLOCK_M", "BLOCK_N"}
+                assert set(config["kwargs"]) == (
+                    {"BLOCK_M", "BLOCK_N", "BY_QUERY"} if "bwd_dkdv" in kernel else {"BLOCK_M", "BLOCK_N"})
+                assert _fields(config) in candidates[kernel], (device, kernel, key, config)
+
+
+def _fields(config) -> tuple:
+    return json.dumps(config["kwargs"], sort_keys=True), config["num_warps"], config["num_stages"]
+
+
+def _candidates() -> dict[str, set]:
+    return {name: {_fields(tuning.config_fields(c)) for c in autotuner.configs}
+            for name, autotuner in tuning.REGISTRY.items()}
+
+
+def test_retune_makes_only_the_named_kernels_autotune(monkeypatch):
+    entry = _config(64, 64, 4, 3)
+    key = json.dumps([2048, 64, 64, False, False, False, False, "torch.bfloat16"])
+    table = {name: {key: entry} for name in ("dilated_fwd", "dilated_bwd_dkdv")}
+    monkeypatch.setattr(tuning, "_device_kernels", lambda index: table)
+    monkeypatch.setattr(tuning, "_SELECTED", {})
+    monkeypatch.setattr(tuning, "_RETUNED", ())
+    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "auto")
+    cuda, args = torch.device("cuda", 0), (torch.empty(1, dtype=torch.bfloat16),)
+    kwargs = {"rows_bucket": 2048, "HEAD_DIM": 64, "HEAD_DIM_V": 64, "IS_CAUSAL": False,
+              "HAS_MASK": False, "QUERY_TAIL": False, "MERGE": False, "ACCUMULATE": False}
+    for name in table:
+        assert tuning.select(name, cuda, args, kwargs) is not tuning.REGISTRY[name]
+    tuning.retune(("dilated_bwd",))
+    assert tuning.select("dilated_bwd_dkdv", cuda, args, kwargs) is tuning.REGISTRY["dilated_bwd_dkdv"]
+    assert tuning.select("dilated_fwd", cuda, args, kwargs) is not tuning.REGISTRY["dilated_fwd"]
+    with pytest.raises(ValueError, match="no registered kernel name starts with"):
+        tuning.retune(("dilated_bwd_dk_dv",))
+
+
+def test_tune_refuses_an_unknown_kernel_prefix():
+    env = {**os.environ, "DILATED_COMPILE_AUTOTUNE": "auto"}
+    result = subprocess.run([sys.executable, "-m", "dilated_compile.tune", "--out", "unused.json",
+                             "--kernels", "no_such_kernel"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "--kernels" in result.stderr and "no_such_kernel" in result.stderr
+    assert not os.path.exists("unused.json")
 
 
 def test_tune_needs_a_gpu_and_says_so():

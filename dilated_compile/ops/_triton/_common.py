@@ -48,15 +48,24 @@ def launch_tuned(name: str, grid, *args, **kwargs) -> None:
     _launcher(kernel)[grid](*args, **kwargs)
 
 
-def _configs(shapes: Sequence[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """Autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, the default first
-    (what ``DILATED_COMPILE_AUTOTUNE=0`` launches: ``tuning.select``); under the CPU interpreter
-    one small config, since every program step costs milliseconds."""
+#: The constexprs of a dk/dv candidate whose score tiles lie [queries, keys] (``_along_keys``),
+#: and of the others, [keys, queries]; (name, value) pairs, so that candidates stay hashable.
+BY_QUERY = (("BY_QUERY", True),)
+BY_KEY = (("BY_QUERY", False),)
+
+
+def _configs(shapes: Sequence[tuple], constexprs: tuple = ()) -> list[triton.Config]:
+    """Autotuning candidates ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, constexprs])``, the
+    default first (what ``DILATED_COMPILE_AUTOTUNE=0`` launches: ``tuning.select``), each with
+    ``constexprs`` under its own; under the CPU interpreter one small config, since every
+    program step costs milliseconds. Every config names all of the kernel's tuned constexprs:
+    Inductor compiles a kernel with its config's values and not with a signature's defaults."""
     if _interpreting():
         shapes = [(16, 16, 1, 1)]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-        for m, n, warps, stages in shapes
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, **dict(constexprs), **dict(*extra)},
+                      num_warps=warps, num_stages=stages)
+        for m, n, warps, stages, *extra in shapes
     ]
 
 
@@ -220,6 +229,62 @@ def _probs(s, lse2, keep, FLOAT_MASK: tl.constexpr):
     """``_weights`` of the pairs in ``keep``, 0 elsewhere (a tile on an edge: past the rows, or
     on the causal diagonal)."""
     return tl.where(keep, _weights(s, lse2, FLOAT_MASK), 0.0)
+
+
+# A dk/dv kernel holds a tile of keys and walks the queries. Its score tiles lie either way:
+# [keys, queries] (the key rows are the products' M), or with ``BY_QUERY`` [queries, keys] (the
+# query rows are: a query tile of 64 gives Hopper's wgmma a 64-wide N for the score products
+# where [keys, queries] would give it 32). The tuning picks the orientation with the config;
+# these place per-key and per-query vectors on a tile and run its products either way.
+
+
+@triton.jit
+def _along_keys(x, BY_QUERY: tl.constexpr):
+    """A per-key vector placed on a dk/dv score tile."""
+    # One return: the front end types every return statement, taken or not.
+    if BY_QUERY:
+        tile = x[None, :]
+    else:
+        tile = x[:, None]
+    return tile
+
+
+@triton.jit
+def _along_queries(x, BY_QUERY: tl.constexpr):
+    """A per-query vector placed on a dk/dv score tile."""
+    if BY_QUERY:
+        tile = x[:, None]
+    else:
+        tile = x[None, :]
+    return tile
+
+
+@triton.jit
+def _dkdv_scores(k, q, DOT_PRECISION: tl.constexpr, BY_QUERY: tl.constexpr):
+    """The raw scores of a dk/dv tile: k q^T, or q k^T with ``BY_QUERY``."""
+    if BY_QUERY:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    else:
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    return s
+
+
+@triton.jit
+def _dkdv_products(dk, dv, p, q, v, do, row_delta, DOT_PRECISION: tl.constexpr,
+                   BY_QUERY: tl.constexpr):
+    """dk, dv plus one score tile's share, from its weights ``p`` (``exp2(s - lse)``, 0 where a
+    pair is removed) and the query rows' ``row_delta``; dk still to be scaled."""
+    if BY_QUERY:
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - row_delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+    else:
+        dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds = p * (dp - row_delta[None, :])
+        dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit

@@ -46,6 +46,7 @@ from ._common import LOG2E, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, jit_with_scal
 from ._common import _LN2, _LOG2E, _bias_of, _configs, _dot_precision, _empty_rows_give_zero
 from ._common import _finite_or_zero, _interpreting, _launcher, _mask_base, _mask_bias, _mask_tile
 from ._common import _online_softmax, _online_softmax_start, _probs, _scores, launch_tuned
+from ._common import BY_KEY, BY_QUERY, _along_keys, _along_queries, _dkdv_products, _dkdv_scores
 from ._common import mask_operand
 from .tuning import tuned
 
@@ -72,8 +73,10 @@ _FWD_SHAPES = ((128, 64, 8, 4), (128, 64, 4, 4), (128, 128, 8, 3), (128, 64, 4, 
 _FWD_SHAPES_FP32 = ((64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2))
 _DQ_SHAPES = ((128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 4, 3))
 _DQ_SHAPES_FP32 = ((64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2))
-# For dk/dv, BLOCK_N is the key tile a program owns and BLOCK_M the query tile it walks.
-_DKDV_SHAPES = ((32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 5))
+# For dk/dv, BLOCK_N is the key tile a program owns and BLOCK_M the query tile it walks (the
+# BY_QUERY ones with score tiles [queries, keys]: ``_along_keys``).
+_DKDV_SHAPES = ((32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 5),
+                (64, 64, 4, 3, BY_QUERY), (64, 64, 4, 4, BY_QUERY))
 _DKDV_SHAPES_FP32 = ((16, 64, 8, 2), (16, 32, 4, 2), (16, 32, 8, 2))
 
 
@@ -412,12 +415,13 @@ def _dkdv_tile(
     dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, d_ptrs, mask_keys, key_bias, pos0, on_diagonal, offs_m,
     offs_n, n_valid, q_off, N, sqn, sgn, sln, smq, scale_log2, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    MASK_PER_QUERY: tl.constexpr,
+    MASK_PER_QUERY: tl.constexpr, BY_QUERY: tl.constexpr,
 ):
     """dk, dv of a program's key tile from the query positions ``pos0 + offs_m`` of one head
-    (tiles transposed: keys down, queries along). ``on_diagonal``: the causal mask (the key
-    block's own query block), a runtime branch as ``_fwd_tile``'s edge. Rows outside the queries are
-    loaded as zeros (q, dO, lse, Delta), so their contributions vanish."""
+    (score tiles [keys, queries], or [queries, keys] with ``BY_QUERY``: ``_along_keys``).
+    ``on_diagonal``: the causal mask (the key block's own query block), a runtime branch as
+    ``_fwd_tile``'s edge. Rows outside the queries are loaded as zeros (q, dO, lse, Delta), so
+    their contributions vanish."""
     pos = pos0 + offs_m
     m_valid = (pos >= q_off) & (pos < N)
     rows = pos0 - q_off
@@ -426,23 +430,22 @@ def _dkdv_tile(
     lse2 = tl.load(l_ptrs + rows * sln, mask=m_valid, other=0.0) * _LOG2E
     lse2 = _empty_rows_give_zero(lse2, HAS_MASK)
     row_delta = tl.load(d_ptrs + rows, mask=m_valid, other=0.0)
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+    s = _dkdv_scores(k, q, DOT_PRECISION, BY_QUERY) * scale_log2
     if HAS_MASK:
         if MASK_PER_QUERY:
-            s_t += _mask_bias(mask_keys + ((pos - q_off).to(tl.int64) * smq)[None, :],
-                              n_valid[:, None] & m_valid[None, :], MASK_BOOL)
+            s += _mask_bias(mask_keys + _along_queries((pos - q_off).to(tl.int64) * smq, BY_QUERY),
+                            _along_keys(n_valid, BY_QUERY) & _along_queries(m_valid, BY_QUERY),
+                            MASK_BOOL)
         else:
-            s_t += key_bias
-        p_t = _probs(s_t, lse2[None, :], m_valid[None, :], not MASK_BOOL)
+            s += key_bias
+        p = _probs(s, _along_queries(lse2, BY_QUERY), _along_queries(m_valid, BY_QUERY),
+                   not MASK_BOOL)
     else:
-        p_t = tl.math.exp2(s_t - lse2[None, :])
+        p = tl.math.exp2(s - _along_queries(lse2, BY_QUERY))
     if IS_CAUSAL:
         if on_diagonal:
-            p_t = tl.where(offs_n[:, None] <= pos[None, :], p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - row_delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            p = tl.where(_along_keys(offs_n, BY_QUERY) <= _along_queries(pos, BY_QUERY), p, 0.0)
+    dk, dv = _dkdv_products(dk, dv, p, q, v, do, row_delta, DOT_PRECISION, BY_QUERY)
     return dk, dv
 
 
@@ -500,7 +503,7 @@ def block_sparse_attention_bwd_dkdv_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BY_QUERY: tl.constexpr,
 ):
     """dk, dv of one tile of ``BLOCK_N`` keys of one (batch, kv head), summed over the query
     heads of its GQA group (DK/DV contiguous ``[B, Hkv, N, D(v)]``, the inputs' dtypes; 0 on
@@ -538,10 +541,10 @@ def block_sparse_attention_bwd_dkdv_kernel(
                    + offs_dv[None, :] * sgd)
         l_ptrs = Lse + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m * sln
         d_ptrs = Delta + (b.to(tl.int64) * num_heads + h) * NQ + offs_m
-        mask_keys = _mask_base(Mask, b, h, smb, smh) + offs_n[:, None] * smk
+        mask_keys = _mask_base(Mask, b, h, smb, smh) + _along_keys(offs_n * smk, BY_QUERY)
         key_bias = 0.0
         if HAS_MASK and not MASK_PER_QUERY:  # one key vector serves every query row
-            key_bias = _mask_bias(mask_keys, n_valid[:, None], MASK_BOOL)
+            key_bias = _mask_bias(mask_keys, _along_keys(n_valid, BY_QUERY), MASK_BOOL)
         listed, dense_lo, dense_steps, listed_end, steps, diag, diag_tile = _column_walk(
             QPtr, QIdx, h, sph, sxh, block, key_start, first_block, dense_rows, BLOCK_SIZE,
             BLOCK_M, IS_CAUSAL)
@@ -553,7 +556,7 @@ def block_sparse_attention_bwd_dkdv_kernel(
                 dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, d_ptrs, mask_keys, key_bias, pos0,
                 it >= listed_end, offs_m, offs_n, n_valid, q_off, N, sqn, sgn, sln, smq,
                 scale_log2, IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
-                MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY)
+                MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY, BY_QUERY=BY_QUERY)
 
     dk = dk * (scale_log2 * _LN2)
     kv_row = (b * num_kv_heads + kvh).to(tl.int64) * N + offs_n
@@ -566,31 +569,33 @@ def block_sparse_attention_bwd_dkdv_kernel(
 # --- launchers --------------------------------------------------------------------------------
 
 
-def _tuned(name: str, kernel, shapes: tuple, block_size: int) -> str:
+def _tuned(name: str, kernel, shapes: tuple, block_size: int, constexprs: tuple) -> str:
     """``kernel`` autotuned over ``shapes`` with tiles cut to ``block_size`` (a program's tiles
-    must divide the block), registered as ``name``. No ``restore_value``: every kernel writes its
-    outputs without reading them, so a tuning run leaves nothing to undo."""
+    must divide the block) and ``constexprs`` (``_configs``), registered as ``name``. No
+    ``restore_value``: every kernel writes its outputs without reading them, so a tuning run
+    leaves nothing to undo."""
     capped = dict.fromkeys(
         # Tiles cut below the default sizes are too small for 8 warps' worth of MMA work.
-        (min(m, block_size), min(n, block_size), w if max(m, n) <= block_size else min(w, 4), s)
-        for m, n, w, s in shapes
+        (min(m, block_size), min(n, block_size), w if max(m, n) <= block_size else min(w, 4), s,
+         *extra)
+        for m, n, w, s, *extra in shapes
     )
-    tuned(name, kernel, _configs(list(capped)), _TUNE_KEY)
+    tuned(name, kernel, _configs(list(capped), constexprs), _TUNE_KEY)
     return name
 
 
-def _variants(name: str, kernel, shapes: tuple, shapes_fp32: tuple) -> dict:
+def _variants(name: str, kernel, shapes: tuple, shapes_fp32: tuple, constexprs=()) -> dict:
     """The registered names of the tuned ``kernel`` per (float32 inputs, block size). Built once,
     here: the launchers run inside traced op bodies, which should find finished kernel objects."""
     return {(fp32, block_size): _tuned(f"{name}_bs{block_size}{'_fp32' if fp32 else ''}", kernel,
-                                       shapes_fp32 if fp32 else shapes, block_size)
+                                       shapes_fp32 if fp32 else shapes, block_size, constexprs)
             for fp32 in (False, True) for block_size in SUPPORTED_BLOCK_SIZES}
 
 
 _FWD = _variants("block_sparse_fwd", block_sparse_attention_fwd_kernel, _FWD_SHAPES, _FWD_SHAPES_FP32)
 _DQ = _variants("block_sparse_bwd_dq", block_sparse_attention_bwd_dq_kernel, _DQ_SHAPES, _DQ_SHAPES_FP32)
 _DKDV = _variants("block_sparse_bwd_dkdv", block_sparse_attention_bwd_dkdv_kernel, _DKDV_SHAPES,
-                  _DKDV_SHAPES_FP32)
+                  _DKDV_SHAPES_FP32, BY_KEY)
 
 
 def _block_index(q, k, block_size, local_blocks, global_blocks, random_blocks, seed, layout,

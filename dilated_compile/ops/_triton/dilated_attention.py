@@ -62,6 +62,12 @@ from ._common import (
     _probs,
     _weights,
     _scores,
+    _along_keys,
+    _along_queries,
+    _dkdv_products,
+    _dkdv_scores,
+    BY_KEY,
+    BY_QUERY,
     jit_with_scalars,
     launch_tuned,
     launch_delta,
@@ -99,11 +105,14 @@ _DQ_CONFIGS = _configs([
     (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2),
 ])
 _DQ_CONFIGS_FP32 = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)])
-# For dk/dv, BLOCK_N is the key block a program owns and BLOCK_M the query block it walks.
+# For dk/dv, BLOCK_N is the key block a program owns and BLOCK_M the query block it walks; the
+# BY_QUERY candidates lay the score tiles [queries, keys] (``_along_keys``), which the H200's
+# tuning picks at head dim 64 (64 x 64 tiles: 64-wide wgmma, no spills; BENCHMARKS' workload).
 _DKDV_CONFIGS = _configs([
     (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 4),
-])
-_DKDV_CONFIGS_FP32 = _configs([(32, 64, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2)])
+    (64, 64, 4, 3, BY_QUERY), (64, 64, 4, 4, BY_QUERY),
+], BY_KEY)
+_DKDV_CONFIGS_FP32 = _configs([(32, 64, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2)], BY_KEY)
 
 
 @triton.jit
@@ -500,20 +509,21 @@ def dilated_attention_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_queries(
-    dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, sqn, sqd, sgn, sgd, sln, smq,
+    dk, dv, k, v, q_base, do_base, l_base, d_base, mask_keys, sqn, sqd, sgn, sgd, sln, smq,
     offs_m, offs_n, offs_d, offs_dv, n_valid, row0, q_off, first, lo, n_head, tail, steps, n_rows,
     rate, scale_log2, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     QUERY_TAIL: tl.constexpr, HAS_MASK: tl.constexpr, APPLY_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr, EDGE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BY_QUERY: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dk, dv of a program's key rows from ``steps`` blocks of one query head's rows of the
     segment's ``n_rows``: the ``n_head`` blocks from row ``lo``, then those from row ``tail``
     (see ``_fwd_keys`` for ``APPLY_MASK``). ``EDGE``: the blocks may reach past the rows, before
     the first query or onto the causal diagonal, so each pair is checked; without it (the blocks
-    ``_query_blocks`` finds whole) none is, which spares a compare and a select per score."""
+    ``_query_blocks`` finds whole) none is, which spares a compare and a select per score.
+    ``BY_QUERY``: score tiles [queries, keys] instead of [keys, queries] (``_along_keys``)."""
     if APPLY_MASK and not MASK_PER_QUERY:  # one key vector serves every query row
-        key_bias = _mask_bias(mask_base, n_valid[:, None], MASK_BOOL)
+        key_bias = _mask_bias(mask_keys, _along_keys(n_valid, BY_QUERY), MASK_BOOL)
     for step in range(0, steps):
         start_m = lo + step * BLOCK_M
         if EDGE:
@@ -527,28 +537,25 @@ def _dkdv_queries(
         lse2 = tl.load(l_base + rows * (rate * sln), mask=m_valid, other=0.0) * _LOG2E
         lse2 = _empty_rows_give_zero(lse2, HAS_MASK)
         row_delta = tl.load(d_base + rows * rate, mask=m_valid, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        s = _dkdv_scores(k, q, DOT_PRECISION, BY_QUERY) * scale_log2
         if EDGE:
-            keep = n_valid[:, None] & m_valid[None, :]
+            keep = _along_keys(n_valid, BY_QUERY) & _along_queries(m_valid, BY_QUERY)
             if IS_CAUSAL:
-                keep = keep & (offs_n[:, None] <= rows[None, :])
+                keep = keep & (_along_keys(offs_n, BY_QUERY) <= _along_queries(rows, BY_QUERY))
         else:  # key rows past the segment have their own garbage, never stored
-            keep = n_valid[:, None]  # (the mask's loads only)
+            keep = _along_keys(n_valid, BY_QUERY)  # (the mask's loads only)
         if APPLY_MASK:
             if MASK_PER_QUERY:
                 q_rows = row0 - q_off + rows * rate
-                s_t += _mask_bias(mask_base + (q_rows.to(tl.int64) * smq)[None, :], keep,
-                                  MASK_BOOL)
+                s += _mask_bias(mask_keys + _along_queries(q_rows.to(tl.int64) * smq, BY_QUERY),
+                                keep, MASK_BOOL)
             else:
-                s_t += key_bias
+                s += key_bias
         if EDGE:
-            p_t = _probs(s_t, lse2[None, :], keep, HAS_MASK and not MASK_BOOL)
+            p = _probs(s, _along_queries(lse2, BY_QUERY), keep, HAS_MASK and not MASK_BOOL)
         else:
-            p_t = _weights(s_t, lse2[None, :], HAS_MASK and not MASK_BOOL)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - row_delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            p = _weights(s, _along_queries(lse2, BY_QUERY), HAS_MASK and not MASK_BOOL)
+        dk, dv = _dkdv_products(dk, dv, p, q, v, do, row_delta, DOT_PRECISION, BY_QUERY)
     return dk, dv
 
 
@@ -587,6 +594,7 @@ def dilated_attention_bwd_dkdv_kernel(
     ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUERY_TAIL: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
     SPAN_FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BY_QUERY: tl.constexpr,
 ):
     """This launch's share of dk, dv (added, or written unless ACCUMULATE, as for dq) for one
     block of key rows of one (kv head, offset); the
@@ -654,16 +662,17 @@ def dilated_attention_bwd_dkdv_kernel(
             do_base = dOut + b * sgb + h * sgh + (row0 - q_off) * sgn
             l_base = Lse + b * slb + h * slh + (row0 - q_off) * sln
             d_base = Delta + (b * num_heads + h) * NQ + (row0 - q_off)
-            mask_base = _mask_base(Mask, b, h, smb, smh) + pos_n[:, None] * smk
+            mask_keys = _mask_base(Mask, b, h, smb, smh) + _along_keys(pos_n * smk, BY_QUERY)
             for edge in tl.static_range(2):  # the whole blocks, then the edge ones
                 dk, dv = _dkdv_queries(
-                    dk, dv, k, v, q_base, do_base, l_base, d_base, mask_base, sqn, sqd, sgn, sgd,
+                    dk, dv, k, v, q_base, do_base, l_base, d_base, mask_keys, sqn, sqd, sgn, sgd,
                     sln, smq, offs_m, offs_n, offs_d, offs_dv, n_valid, row0, q_off, first,
                     lo if edge else whole_lo, n_head, tail, n_edge if edge else n_whole, n_rows,
                     rate, scale_log2, IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION,
                     QUERY_TAIL=QUERY_TAIL, HAS_MASK=HAS_MASK,
                     APPLY_MASK=HAS_MASK and SPAN_FILTER != 1, MASK_BOOL=MASK_BOOL,
-                    MASK_PER_QUERY=MASK_PER_QUERY, EDGE=edge == 1, BLOCK_M=BLOCK_M)
+                    MASK_PER_QUERY=MASK_PER_QUERY, EDGE=edge == 1, BY_QUERY=BY_QUERY,
+                    BLOCK_M=BLOCK_M)
 
     kv_row = (b * num_kv_heads + kvh) * N + pos_n
     dk_ptrs = DK + kv_row[:, None] * HEAD_DIM + offs_d[None, :]

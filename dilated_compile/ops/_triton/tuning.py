@@ -15,9 +15,10 @@ segment), 20-90 s per class at long sequences. Three things keep a first call fa
    Triton version, the GPU target, the kernel source, the candidates and the tuning key, so a
    shape class is tuned once per machine.
 3. ``DILATED_COMPILE_AUTOTUNE`` (read at each launch): ``auto`` (the default) as above; ``1`` always
-   autotunes (the shipped table is ignored: re-tuning); ``0`` launches each kernel's first
-   candidate, never tuning (tests, debugging). ``DILATED_COMPILE_TUNED_CONFIGS=<path>`` reads
-   another table (one written by ``python -m dilated_compile.tune --out <path>``).
+   autotunes (the shipped table is ignored: re-tuning; ``retune`` does it for chosen kernels
+   only); ``0`` launches each kernel's first candidate, never tuning (tests, debugging).
+   ``DILATED_COMPILE_TUNED_CONFIGS=<path>`` reads another table (one written by
+   ``python -m dilated_compile.tune --out <path>``).
 
 The config never changes what a kernel computes, only how fast.
 """
@@ -166,7 +167,7 @@ def select(name: str, device: torch.device, args: tuple, kwargs: dict):
     candidate. (Off CUDA — the interpreter — the kernel as built.)"""
     autotuner = REGISTRY[name]
     mode = autotune_mode()
-    if device.type != "cuda" or mode == "1":
+    if device.type != "cuda" or mode == "1" or name.startswith(_RETUNED):
         return autotuner
     if mode == "0":
         return _one_config(name, json.dumps(config_fields(autotuner.configs[0]), sort_keys=True))
@@ -182,6 +183,21 @@ def select(name: str, device: torch.device, args: tuple, kwargs: dict):
 
 # (kernel name, CUDA device index, tuning key) -> the kernel ``select`` picked.
 _SELECTED: dict[tuple, Any] = {}
+# Name prefixes of the kernels that autotune in ``auto`` mode even where the table has a config.
+_RETUNED: tuple[str, ...] = ()
+
+
+def retune(prefixes: tuple[str, ...]) -> None:
+    """Make the kernels whose registered names start with one of ``prefixes`` autotune from now
+    on, in ``auto`` mode too, while the others keep the table's configs (``python -m
+    dilated_compile.tune --kernels``). Raises ``ValueError`` for a prefix no kernel has."""
+    global _RETUNED
+    unknown = [p for p in prefixes if not any(name.startswith(p) for name in REGISTRY)]
+    if unknown:
+        raise ValueError(f"no registered kernel name starts with {unknown}; the kernels are "
+                         f"{sorted(REGISTRY)}")
+    _RETUNED = tuple(prefixes)
+    _SELECTED.clear()
 
 
 def config_fields(config) -> dict:

@@ -14,11 +14,14 @@ Baselines in the same process, on the same inputs:
 Every implementation is checked before it is timed: ours against FlexAttention (and, at 16K,
 against the PyTorch implementation). Effective TFLOP/s counts kept blocks only:
 4 * B * H * nnz * bs^2 * D, minus the masked half of the diagonal blocks when causal; x2.5 for
-forward+backward. ``--memory`` also runs forward+backward at 1M tokens and reports peak bytes per
-token. Usage::
+forward+backward. ``--memory`` also runs forward+backward at 256K, 512K and 1M tokens and reports
+the peak bytes per token of each (linear in N: the same at every length). ``--no-flex`` leaves
+FlexAttention out (its first compile takes minutes per layout and length); ours is then checked
+against the PyTorch implementation at every length. Usage::
 
     PYTHONPATH=. python benchmarks/bench_block_sparse.py
     PYTHONPATH=. python benchmarks/bench_block_sparse.py --n 65536 --layouts local --no-causal
+    PYTHONPATH=. python benchmarks/bench_block_sparse.py --n --memory   # the memory check alone
 """
 
 from __future__ import annotations
@@ -124,15 +127,16 @@ def rel_err(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check(e: Experiment, q, k, v, stage=lambda what: None) -> dict:
-    """Ours against FlexAttention (same layout) and, at 16K, the PyTorch implementation."""
+def check(e: Experiment, q, k, v, stage=lambda what: None, with_flex=True) -> dict:
+    """Ours against FlexAttention (same layout) and, at 16K or without FlexAttention, the
+    PyTorch implementation."""
     with torch.no_grad():
         got = ours(q, k, v, e)
         errors = {}
-        if e.n <= FLEX_MAX_N:
+        if with_flex and e.n <= FLEX_MAX_N:
             stage("flex's first call (block mask, compilation)")
             errors["vs_flex"] = rel_err(got, flex(q, k, v, e))
-        if e.n <= 16 * K:
+        if e.n <= 16 * K or not with_flex:
             stage("the PyTorch implementation")
             s = e.spec
             ref = block_sparse_attention_pytorch_op(q, k, v, s.block_size, s.local_blocks,
@@ -158,13 +162,15 @@ def main():
 
     torch._dynamo.config.recompile_limit = 64  # one Flex graph per layout and length
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[16 * K, 64 * K, 256 * K])
+    parser.add_argument("--n", type=int, nargs="*", default=[16 * K, 64 * K, 256 * K])
     parser.add_argument("--layouts", nargs="+", default=sorted(LAYOUTS))
     parser.add_argument("--no-causal", action="store_true")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--head-dims", type=int, nargs="+", default=None,
                         help="head dims (default: 64, and 64 and 128 at 64K)")
-    parser.add_argument("--memory", action="store_true", help="also fwd+bwd at 1M tokens")
+    parser.add_argument("--memory", action="store_true",
+                        help="also fwd+bwd peak memory at 256K, 512K and 1M tokens")
+    parser.add_argument("--no-flex", action="store_true", help="leave FlexAttention out")
     args = parser.parse_args()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -190,7 +196,7 @@ def main():
         q, k, v = inputs(e)
         assert uses_block_sparse_kernels(q, k, v, BLOCK), "the kernels do not run this call"
         stage(f"{e}: checking")
-        errors = check(e, q, k, v, stage)
+        errors = check(e, q, k, v, stage, with_flex=not args.no_flex)
         if any(not err < 2e-2 for err in errors.values()):
             raise SystemExit(f"{e}: results off {errors}; not timing")
         stage("timing ours")
@@ -198,7 +204,7 @@ def main():
         if e.n <= DENSE_MAX_N:
             stage("timing dense")
             row["dense"] = bench(dense, e, q, k, v)
-        if e.n <= FLEX_MAX_N:
+        if e.n <= FLEX_MAX_N and not args.no_flex:
             stage("timing flex")
             row["flex"] = bench(flex, e, q, k, v)
         rows.append(row)
@@ -221,8 +227,11 @@ def main():
               f"{fmt(tflops / dense_tflops if dense_tflops else None, '{:.2f}')} | "
               f"{fmt(flex_ms, '{:.3f}')} | {fmt(flex_ms / r['ours'] if flex_ms else None, '{:.2f}')} |")
     if args.memory:
-        per_token = peak_bytes_per_token(1024 * K)
-        print(f"\nfwd+bwd peak memory, bigbird causal, 1M tokens: {per_token:.0f} B/token")
+        print()
+        for n in (256 * K, 512 * K, 1024 * K):
+            per_token = peak_bytes_per_token(n)
+            print(f"fwd+bwd peak memory, bigbird causal, {n // K}K tokens: {per_token:.0f} B/token",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,15 @@ def _probs(s, lse2, keep, FLOAT_MASK: tl.constexpr):
     return tl.where(keep, _weights(s, lse2, FLOAT_MASK), 0.0)
 
 
+@triton.jit
+def _dq_products(dq, p, k, v, do, row_delta, DOT_PRECISION: tl.constexpr):
+    """dq plus one [queries, keys] tile's share, from its weights ``p`` (``exp2(s - lse)``, 0
+    where a pair is removed) and the query rows' ``row_delta``; dq still to be scaled."""
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - row_delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+
 # A dk/dv kernel holds a tile of keys and walks the queries. Its score tiles lie either way:
 # [keys, queries] (the key rows are the products' M), or with ``BY_QUERY`` [queries, keys] (the
 # query rows are: a query tile of 64 gives Hopper's wgmma a 64-wide N for the score products

@@ -45,8 +45,9 @@ from .._block_layout import BlockIndex, cached_block_index
 from ._common import LOG2E, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, jit_with_scalars, launch_delta
 from ._common import _LN2, _LOG2E, _bias_of, _configs, _dot_precision, _empty_rows_give_zero
 from ._common import _finite_or_zero, _interpreting, _launcher, _mask_base, _mask_bias, _mask_tile
-from ._common import _online_softmax, _online_softmax_start, _probs, _scores, launch_tuned
+from ._common import _online_softmax, _online_softmax_start, _probs, _scores, _weights, launch_tuned
 from ._common import BY_KEY, BY_QUERY, _along_keys, _along_queries, _dkdv_products, _dkdv_scores
+from ._common import _dq_products
 from ._common import mask_operand
 from .tuning import tuned
 
@@ -349,19 +350,18 @@ def _dq_tile(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
 ):
     """dq of a query tile from the keys ``key0 + offs_n`` (``on_edge`` as in ``_fwd_tile``).
-    Rows outside the queries keep no pair, so their dq is 0 (it is not stored anyway)."""
+    Rows outside the queries get weights without a check: a dq row depends on its own row's
+    weights only, and theirs is never stored (a select per score spared)."""
     keys = key0 + offs_n
     k, v = _load_keys(k_ptrs, v_ptrs, key0, keys, N, skn, svn, K_TRANSPOSED=False)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if HAS_MASK:
         s += _bias_of(_mask_tile(mask_rows, mask_keys, key0, offs_n, N, 1, smk, m_valid,
                                  MASK_PER_QUERY), MASK_BOOL)
-    p = _probs(s, lse2[:, None], m_valid[:, None], HAS_MASK and not MASK_BOOL)
+    p = _weights(s, lse2[:, None], HAS_MASK and not MASK_BOOL)
     if on_edge:
         p = tl.where(_edge_keep(keys, q_pos, N, IS_CAUSAL), p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - row_delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return _dq_products(dq, p, k, v, do, row_delta, DOT_PRECISION)
 
 
 @_jit

@@ -66,6 +66,7 @@ from ._common import (
     _along_queries,
     _dkdv_products,
     _dkdv_scores,
+    _dq_products,
     BY_KEY,
     BY_QUERY,
     jit_with_scalars,
@@ -435,9 +436,7 @@ def _dq_keys(
             p = _probs(s, lse2[:, None], keep, HAS_MASK and not MASK_BOOL)
         else:  # rows past the segment have their own garbage, never stored
             p = _weights(s, lse2[:, None], HAS_MASK and not MASK_BOOL)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - row_delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = _dq_products(dq, p, k, v, do, row_delta, DOT_PRECISION)
     return dq
 
 

@@ -105,10 +105,18 @@ CASES = [
      False, "float-b11k"),
     ("bool-full-block32", 1, 2, 2, 70, 70, 32, 32, BlockSparseSpec(32, local_blocks=1), True,
      "bool-full"),
+    # Keys ending on a block boundary: the forward and dq kernels drop their bounds checks.
+    ("whole-blocks-bigbird-gqa", 1, 4, 2, 96, 96, 32, 32,
+     BlockSparseSpec(16, local_blocks=1, global_blocks=1, random_blocks=2, seed=4), False, None),
+    ("whole-blocks-tail-causal", 1, 4, 2, 40, 96, 32, 32,
+     BlockSparseSpec(16, local_blocks=1, global_blocks=1), True, "float-qk"),
+    ("whole-blocks-global-row-parts", 2, 2, 1, 304, 304, 32, 32,
+     BlockSparseSpec(16, local_blocks=0, global_blocks=1), False, "bool-b11k"),
 ]
 # float32 for every case, float16 for a spread of them (interpreted steps are slow).
 FP16_CASES = {"band-ragged-causal", "bigbird-gqa", "layout-per-head", "block32-gqa-causal",
-              "tail-causal", "decode-one", "key-padding", "float-rows-tail-causal", "global-row-parts"}
+              "tail-causal", "decode-one", "key-padding", "float-rows-tail-causal", "global-row-parts",
+              "whole-blocks-bigbird-gqa"}
 RUNS = [(case, torch.float32) for case in CASES] + [
     (case, torch.float16) for case in CASES if case[0] in FP16_CASES
 ]
@@ -221,6 +229,21 @@ def test_launchers_take_symbolic_shapes(is_causal, monkeypatch):
     combine = set() if is_causal else {"block_sparse_attention_fwd_combine_kernel"}
     assert launched == {"block_sparse_fwd_bs64", "block_sparse_bwd_dq_bs64",
                         "block_sparse_bwd_dkdv_bs64"} | combine
+
+
+def test_whole_blocks_are_read_only_from_a_concrete_length():
+    """The bounds checks go only for a concrete length that ends on a block boundary; a
+    symbolic one (torch.compile with dynamic shapes) keeps them and adds no guard."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    assert kernels._whole_blocks(256, 128) and not kernels._whole_blocks(300, 128)
+    fake = FakeTensorMode(shape_env=ShapeEnv())
+    n = fake.from_tensor(torch.empty(256), symbolic_context=StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.DYNAMIC])).shape[0]
+    assert isinstance(n, torch.SymInt)
+    assert kernels._whole_blocks(n, 128) is False
+    assert not fake.shape_env.guards
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])

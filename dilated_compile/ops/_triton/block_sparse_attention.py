@@ -205,17 +205,23 @@ def _edge_keep(keys, q_pos, N, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _load_keys(k_ptrs, v_ptrs, key0, keys, N, skn, svn, K_TRANSPOSED: tl.constexpr):
+def _load_keys(k_ptrs, v_ptrs, key0, keys, N, skn, svn, K_TRANSPOSED: tl.constexpr,
+               WHOLE_BLOCKS: tl.constexpr):
     """The K and V tiles of the keys ``key0 + offs_n`` (zeros past the sequence): K as
     ``[D, BLOCK_N]`` when ``K_TRANSPOSED`` (the forward's ``q @ k``), else ``[BLOCK_N, D]``; V as
     ``[BLOCK_N, Dv]``. The bound is checked on every tile (a compare per loaded element) so that
-    every step of the walk is the same code for the pipeliner."""
-    inside = keys < N
-    if K_TRANSPOSED:
-        k = tl.load(k_ptrs + key0 * skn, mask=inside[None, :], other=0.0)
+    every step of the walk is the same code for the pipeliner; with ``WHOLE_BLOCKS`` (the keys
+    end on a block boundary: no tile reaches past them) it is not checked at all."""
+    if WHOLE_BLOCKS:
+        k = tl.load(k_ptrs + key0 * skn)
+        v = tl.load(v_ptrs + key0 * svn)
     else:
-        k = tl.load(k_ptrs + key0 * skn, mask=inside[:, None], other=0.0)
-    v = tl.load(v_ptrs + key0 * svn, mask=inside[:, None], other=0.0)
+        inside = keys < N
+        if K_TRANSPOSED:
+            k = tl.load(k_ptrs + key0 * skn, mask=inside[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs + key0 * skn, mask=inside[:, None], other=0.0)
+        v = tl.load(v_ptrs + key0 * svn, mask=inside[:, None], other=0.0)
     return k, v
 
 
@@ -224,18 +230,20 @@ def _fwd_tile(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, key0, on_edge, q_pos, offs_n, m_valid, mask_rows, mask_keys,
     N, skn, svn, smk, scale_log2, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
-    RAW: tl.constexpr,
+    RAW: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
 ):
     """One online-softmax step over the keys ``key0 + offs_n``. ``on_edge`` (the row's last
     block): apply the bounds and causal masks. A runtime branch, which the compiler turns into
     a select on every step (``benchmarks/kernel_sass.py``); the edge steps as a loop of their
     own measured slower on the H200 (each pipelined loop takes its own shared-memory buffers).
+    Without causality and with ``WHOLE_BLOCKS`` no step is on an edge, and the branch goes.
     ``RAW``: see ``_online_softmax``."""
     keys = key0 + offs_n
-    k, v = _load_keys(k_ptrs, v_ptrs, key0, keys, N, skn, svn, K_TRANSPOSED=True)
+    k, v = _load_keys(k_ptrs, v_ptrs, key0, keys, N, skn, svn, True, WHOLE_BLOCKS)
     s = _scores(tl.dot(q, k, input_precision=DOT_PRECISION), scale_log2, RAW)
-    if on_edge:
-        s = tl.where(_edge_keep(keys, q_pos, N, IS_CAUSAL), s, float("-inf"))
+    if IS_CAUSAL or not WHOLE_BLOCKS:
+        if on_edge:
+            s = tl.where(_edge_keep(keys, q_pos, N, IS_CAUSAL), s, float("-inf"))
     if HAS_MASK:
         s += _bias_of(_mask_tile(mask_rows, mask_keys, key0, offs_n, N, 1, smk, m_valid,
                                  MASK_PER_QUERY), MASK_BOOL)
@@ -255,7 +263,8 @@ def block_sparse_attention_fwd_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr, SPLIT_DENSE: tl.constexpr,
-    FUSED_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED_SCALE: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Out ``[B, Hq, NQ, Dv]`` and Lse ``[B, Hq, NQ]`` (natural log, -inf on rows that keep no
     key) of one tile of ``BLOCK_M`` query positions. ``SPLIT_DENSE``: a global row's tile walks
@@ -286,7 +295,7 @@ def block_sparse_attention_fwd_kernel(
             q_pos, offs_n, m_valid, mask_rows, mask_keys, N, skn, svn, smk, scale_log2,
             IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
             MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY,
-            RAW=FUSED_SCALE and not HAS_MASK)
+            RAW=FUSED_SCALE and not HAS_MASK, WHOLE_BLOCKS=WHOLE_BLOCKS)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row that kept no key: out 0, lse -inf + log2(1)
     out = acc / l_i[:, None]
@@ -348,19 +357,21 @@ def _dq_tile(
     dq, q, do, lse2, row_delta, k_ptrs, v_ptrs, key0, on_edge, q_pos, offs_n, m_valid, mask_rows,
     mask_keys, N, skn, svn, smk, scale_log2, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr,
 ):
     """dq of a query tile from the keys ``key0 + offs_n`` (``on_edge`` as in ``_fwd_tile``).
     Rows outside the queries get weights without a check: a dq row depends on its own row's
     weights only, and theirs is never stored (a select per score spared)."""
     keys = key0 + offs_n
-    k, v = _load_keys(k_ptrs, v_ptrs, key0, keys, N, skn, svn, K_TRANSPOSED=False)
+    k, v = _load_keys(k_ptrs, v_ptrs, key0, keys, N, skn, svn, False, WHOLE_BLOCKS)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if HAS_MASK:
         s += _bias_of(_mask_tile(mask_rows, mask_keys, key0, offs_n, N, 1, smk, m_valid,
                                  MASK_PER_QUERY), MASK_BOOL)
     p = _weights(s, lse2[:, None], HAS_MASK and not MASK_BOOL)
-    if on_edge:
-        p = tl.where(_edge_keep(keys, q_pos, N, IS_CAUSAL), p, 0.0)
+    if IS_CAUSAL or not WHOLE_BLOCKS:  # else no step is on an edge (``_fwd_tile``)
+        if on_edge:
+            p = tl.where(_edge_keep(keys, q_pos, N, IS_CAUSAL), p, 0.0)
     return _dq_products(dq, p, k, v, do, row_delta, DOT_PRECISION)
 
 
@@ -372,7 +383,7 @@ def block_sparse_attention_bwd_dq_kernel(
     N, NQ, batch_heads, num_heads, kv_group, first_block, dense_rows, scale_log2,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
+    MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dq of one tile of query positions (DQ contiguous ``[B, Hq, NQ, D]``, q's dtype), over
@@ -402,7 +413,7 @@ def block_sparse_attention_bwd_dq_kernel(
             dq, q, do, lse2, row_delta, k_ptrs, v_ptrs, _step_start(idx, it, BLOCK_SIZE, BLOCK_N),
             it >= full, q_pos, offs_n, m_valid, mask_rows, mask_keys, N, skn, svn, smk,
             scale_log2, IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
-            MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY)
+            MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY, WHOLE_BLOCKS=WHOLE_BLOCKS)
 
     dq = dq * (scale_log2 * _LN2)
     dq_ptrs = (DQ + (b * num_heads + h).to(tl.int64) * NQ * HEAD_DIM + q_rows[:, None] * HEAD_DIM
@@ -627,6 +638,14 @@ def _shared_args(q, k, block_size, is_causal, attn_mask):
     return mask, mask_strides, constexprs
 
 
+def _whole_blocks(seq_k, block_size: int) -> bool:
+    """Whether the keys end on a block boundary, so that no key tile reaches past them
+    (``WHOLE_BLOCKS``). Read only from a concrete length: with a symbolic one (torch.compile with
+    dynamic shapes) the kernels keep their bounds checks, rather than guard the compiled graph
+    on the length's divisibility."""
+    return isinstance(seq_k, int) and seq_k % block_size == 0
+
+
 def _dense_split(index: BlockIndex, is_causal: bool):
     """(parts, key blocks per part) of a global row's walk. A non-causal global row walks all
     ``Mk`` key blocks while the other rows walk ``W``: cut into parts of at least ``2 W`` (and
@@ -677,7 +696,8 @@ def forward(q, k, v, block_size, local_blocks, global_blocks, random_blocks, see
         _head_stride(index.kv_counts), index.kv_counts.stride(1),
         seq_k, seq_q, heads, num_heads, num_heads // num_kv_heads, index.first_block,
         index.dense_rows, splits, chunk, scale * LOG2E, HEAD_DIM_V=head_dim_v,
-        SPLIT_DENSE=not is_causal, FUSED_SCALE=scale > 0, **constexprs,
+        SPLIT_DENSE=not is_causal, FUSED_SCALE=scale > 0,
+        WHOLE_BLOCKS=_whole_blocks(seq_k, block_size), **constexprs,
     )
     if not is_causal:
         rows_per_program = 64 if not _interpreting() else 16
@@ -719,7 +739,7 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, block_size, local_blocks, gl
         *strides, _head_stride(index.kv_indices), index.kv_indices.stride(1),
         _head_stride(index.kv_counts), index.kv_counts.stride(1),
         seq_k, seq_q, heads, num_heads, kv_group, index.first_block, index.dense_rows, scale_log2,
-        **constexprs,
+        WHOLE_BLOCKS=_whole_blocks(seq_k, block_size), **constexprs,
     )
 
     dk = torch.empty(batch, num_kv_heads, seq_k, head_dim, device=q.device, dtype=k.dtype)

@@ -419,11 +419,15 @@ def _dq_keys(
                                MASK_PER_QUERY)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        n_valid = cols < n_rows
-        k = tl.load(k_base + cols[:, None] * (rate * skn) + offs_d[None, :] * skd,
-                    mask=n_valid[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * (rate * svn) + offs_dv[None, :] * svd,
-                    mask=n_valid[:, None], other=0.0)
+        if EDGE:
+            n_valid = cols < n_rows
+            k = tl.load(k_base + cols[:, None] * (rate * skn) + offs_d[None, :] * skd,
+                        mask=n_valid[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * (rate * svn) + offs_dv[None, :] * svd,
+                        mask=n_valid[:, None], other=0.0)
+        else:  # whole tiles: every key row is in the segment
+            k = tl.load(k_base + cols[:, None] * (rate * skn) + offs_d[None, :] * skd)
+            v = tl.load(v_base + cols[:, None] * (rate * svn) + offs_dv[None, :] * svd)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         if APPLY_MASK:
             s += _bias_of(mask_next, MASK_BOOL)
@@ -528,14 +532,20 @@ def _dkdv_queries(
         if EDGE:
             start_m = tl.where(step < n_head, start_m, tail + (step - n_head) * BLOCK_M)
         rows = start_m + offs_m
-        m_valid = _valid_rows(rows, first, n_rows, QUERY_TAIL)
-        q = tl.load(q_base + rows[:, None] * (rate * sqn) + offs_d[None, :] * sqd,
-                    mask=m_valid[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * (rate * sgn) + offs_dv[None, :] * sgd,
-                     mask=m_valid[:, None], other=0.0)
-        lse2 = tl.load(l_base + rows * (rate * sln), mask=m_valid, other=0.0) * _LOG2E
-        lse2 = _empty_rows_give_zero(lse2, HAS_MASK)
-        row_delta = tl.load(d_base + rows * rate, mask=m_valid, other=0.0)
+        q_ptrs = q_base + rows[:, None] * (rate * sqn) + offs_d[None, :] * sqd
+        do_ptrs = do_base + rows[:, None] * (rate * sgn) + offs_dv[None, :] * sgd
+        if EDGE:
+            m_valid = _valid_rows(rows, first, n_rows, QUERY_TAIL)
+            q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=m_valid[:, None], other=0.0)
+            lse2 = tl.load(l_base + rows * (rate * sln), mask=m_valid, other=0.0)
+            row_delta = tl.load(d_base + rows * rate, mask=m_valid, other=0.0)
+        else:  # whole blocks: every row is a query
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse2 = tl.load(l_base + rows * (rate * sln))
+            row_delta = tl.load(d_base + rows * rate)
+        lse2 = _empty_rows_give_zero(lse2 * _LOG2E, HAS_MASK)
         s = _dkdv_scores(k, q, DOT_PRECISION, BY_QUERY) * scale_log2
         if EDGE:
             keep = _along_keys(n_valid, BY_QUERY) & _along_queries(m_valid, BY_QUERY)

@@ -32,7 +32,7 @@ STANDARD = {
     # The workload's lengths are multiples of the block: the kernels built without bounds checks.
     "block_sparse_fwd_bs128": (dict(WHOLE_BLOCKS=True), lambda causal: [64, 64, causal, False]),
     "block_sparse_bwd_dq_bs128": (dict(WHOLE_BLOCKS=True), lambda causal: [64, 64, causal, False]),
-    "block_sparse_bwd_dkdv_bs128": ({}, lambda causal: [64, 64, causal, False]),
+    "block_sparse_bwd_dkdv_bs128": (dict(QUERIES_WHOLE=True), lambda causal: [64, 64, causal, False]),
 }
 
 

@@ -105,13 +105,17 @@ CASES = [
      False, "float-b11k"),
     ("bool-full-block32", 1, 2, 2, 70, 70, 32, 32, BlockSparseSpec(32, local_blocks=1), True,
      "bool-full"),
-    # Keys ending on a block boundary: the forward and dq kernels drop their bounds checks.
+    # Keys ending on a block boundary: the forward and dq kernels drop their bounds checks
+    # (and with Nq = Nk, or queries starting on a block boundary, the dk/dv kernel too).
     ("whole-blocks-bigbird-gqa", 1, 4, 2, 96, 96, 32, 32,
      BlockSparseSpec(16, local_blocks=1, global_blocks=1, random_blocks=2, seed=4), False, None),
     ("whole-blocks-tail-causal", 1, 4, 2, 40, 96, 32, 32,
      BlockSparseSpec(16, local_blocks=1, global_blocks=1), True, "float-qk"),
     ("whole-blocks-global-row-parts", 2, 2, 1, 304, 304, 32, 32,
      BlockSparseSpec(16, local_blocks=0, global_blocks=1), False, "bool-b11k"),
+    # ... and queries starting on one: dk/dv's query tiles all lie inside the queries.
+    ("whole-blocks-tail-on-boundary-causal", 2, 4, 2, 48, 96, 32, 32,
+     BlockSparseSpec(16, local_blocks=1, random_blocks=1, seed=9), True, "bool-b11k"),
 ]
 # float32 for every case, float16 for a spread of them (interpreted steps are slow).
 FP16_CASES = {"band-ragged-causal", "bigbird-gqa", "layout-per-head", "block32-gqa-causal",

@@ -27,13 +27,13 @@ pytestmark = pytest.mark.skipif(
 
 # Constexpr settings: every optional path off, then on (masks of both kinds, key-padding
 # launches, fewer queries than keys, grouped parts, merging and accumulating launches, dk/dv
-# score tiles laid [queries, keys], keys ending on a block boundary).
+# score tiles laid [queries, keys], keys and queries on block boundaries).
 _SETTINGS = [
     dict(IS_CAUSAL=False, PARTS=1, QUERY_TAIL=False, HAS_MASK=False, MASK_BOOL=False,
          MASK_PER_QUERY=False, SPAN_FILTER=0, MERGE=False, ACCUMULATE=False, SPLIT_DENSE=False),
     dict(IS_CAUSAL=True, PARTS=4, QUERY_TAIL=True, HAS_MASK=True, MASK_BOOL=True,
          MASK_PER_QUERY=False, SPAN_FILTER=2, MERGE=True, ACCUMULATE=True, SPLIT_DENSE=True,
-         BY_QUERY=True, WHOLE_BLOCKS=True),
+         BY_QUERY=True, WHOLE_BLOCKS=True, QUERIES_WHOLE=True),
     dict(IS_CAUSAL=False, PARTS=3, QUERY_TAIL=True, HAS_MASK=True, MASK_BOOL=False,
          MASK_PER_QUERY=True, SPAN_FILTER=1, MERGE=True, ACCUMULATE=True, SPLIT_DENSE=False,
          BY_QUERY=True),

@@ -426,21 +426,28 @@ def _dkdv_tile(
     dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, d_ptrs, mask_keys, key_bias, pos0, on_diagonal, offs_m,
     offs_n, n_valid, q_off, N, sqn, sgn, sln, smq, scale_log2, IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    MASK_PER_QUERY: tl.constexpr, BY_QUERY: tl.constexpr,
+    MASK_PER_QUERY: tl.constexpr, BY_QUERY: tl.constexpr, QUERIES_WHOLE: tl.constexpr,
 ):
     """dk, dv of a program's key tile from the query positions ``pos0 + offs_m`` of one head
     (score tiles [keys, queries], or [queries, keys] with ``BY_QUERY``: ``_along_keys``).
     ``on_diagonal``: the causal mask (the key block's own query block), a runtime branch as
     ``_fwd_tile``'s edge. Rows outside the queries are loaded as zeros (q, dO, lse, Delta), so
-    their contributions vanish."""
+    their contributions vanish; with ``QUERIES_WHOLE`` (the queries start and end on block
+    boundaries) there are none, and the loads are not masked."""
     pos = pos0 + offs_m
     m_valid = (pos >= q_off) & (pos < N)
     rows = pos0 - q_off
-    q = tl.load(q_ptrs + rows * sqn, mask=m_valid[:, None], other=0.0)
-    do = tl.load(do_ptrs + rows * sgn, mask=m_valid[:, None], other=0.0)
-    lse2 = tl.load(l_ptrs + rows * sln, mask=m_valid, other=0.0) * _LOG2E
-    lse2 = _empty_rows_give_zero(lse2, HAS_MASK)
-    row_delta = tl.load(d_ptrs + rows, mask=m_valid, other=0.0)
+    if QUERIES_WHOLE:
+        q = tl.load(q_ptrs + rows * sqn)
+        do = tl.load(do_ptrs + rows * sgn)
+        lse2 = tl.load(l_ptrs + rows * sln)
+        row_delta = tl.load(d_ptrs + rows)
+    else:
+        q = tl.load(q_ptrs + rows * sqn, mask=m_valid[:, None], other=0.0)
+        do = tl.load(do_ptrs + rows * sgn, mask=m_valid[:, None], other=0.0)
+        lse2 = tl.load(l_ptrs + rows * sln, mask=m_valid, other=0.0)
+        row_delta = tl.load(d_ptrs + rows, mask=m_valid, other=0.0)
+    lse2 = _empty_rows_give_zero(lse2 * _LOG2E, HAS_MASK)
     s = _dkdv_scores(k, q, DOT_PRECISION, BY_QUERY) * scale_log2
     if HAS_MASK:
         if MASK_PER_QUERY:
@@ -514,7 +521,8 @@ def block_sparse_attention_bwd_dkdv_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, MASK_PER_QUERY: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BY_QUERY: tl.constexpr,
+    QUERIES_WHOLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BY_QUERY: tl.constexpr,
 ):
     """dk, dv of one tile of ``BLOCK_N`` keys of one (batch, kv head), summed over the query
     heads of its GQA group (DK/DV contiguous ``[B, Hkv, N, D(v)]``, the inputs' dtypes; 0 on
@@ -567,7 +575,8 @@ def block_sparse_attention_bwd_dkdv_kernel(
                 dk, dv, k, v, q_ptrs, do_ptrs, l_ptrs, d_ptrs, mask_keys, key_bias, pos0,
                 it >= listed_end, offs_m, offs_n, n_valid, q_off, N, sqn, sgn, sln, smq,
                 scale_log2, IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, HAS_MASK=HAS_MASK,
-                MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY, BY_QUERY=BY_QUERY)
+                MASK_BOOL=MASK_BOOL, MASK_PER_QUERY=MASK_PER_QUERY, BY_QUERY=BY_QUERY,
+                QUERIES_WHOLE=QUERIES_WHOLE)
 
     dk = dk * (scale_log2 * _LN2)
     kv_row = (b * num_kv_heads + kvh).to(tl.int64) * N + offs_n
@@ -752,5 +761,7 @@ def backward(grad_out, q, k, v, out, lse, grad_lse, block_size, local_blocks, gl
         *strides, _head_stride(index.q_ptr), _head_stride(index.q_indices),
         seq_k, seq_q, kv_heads, num_heads, num_kv_heads, kv_group, index.first_block,
         index.dense_rows, scale_log2, **constexprs,
+        # Every query tile of the walk inside the queries: they start and end on block bounds.
+        QUERIES_WHOLE=_whole_blocks(seq_k, block_size) and _whole_blocks(seq_k - seq_q, block_size),
     )
     return dq, dk, dv

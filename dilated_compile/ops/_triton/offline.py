@@ -41,7 +41,8 @@ UNIT_STRIDES = ("sqd", "skd", "svd", "sgd", "sod")
 DEFAULTS = dict(HEAD_DIM=64, HEAD_DIM_V=64, DOT_PRECISION="tf32", FUSED_SCALE=True, PARTS=1,
                 IS_CAUSAL=False, QUERY_TAIL=False, HAS_MASK=False, MASK_BOOL=False,
                 MASK_PER_QUERY=False, SPAN_FILTER=0, MERGE=False, ACCUMULATE=False,
-                BY_QUERY=False, WHOLE_BLOCKS=False, SPLIT_DENSE=True, BLOCK_SIZE=128, BLOCK_M=64, BLOCK_N=64)
+                BY_QUERY=False, WHOLE_BLOCKS=False,
+                QUERIES_WHOLE=False, SPLIT_DENSE=True, BLOCK_SIZE=128, BLOCK_M=64, BLOCK_N=64)
 
 
 def _target():

@@ -112,6 +112,18 @@ def mask_operand(attn_mask, q):
 
 
 @triton.jit
+def _load(ptrs, ok, CHECKED: tl.constexpr):
+    """``tl.load(ptrs)``, reading only where ``ok`` (0 elsewhere) when ``CHECKED``: tiles that
+    may reach past the rows check them; tiles known to lie inside load with no mask at all,
+    which spares a compare and a predicate per loaded element."""
+    if CHECKED:
+        x = tl.load(ptrs, mask=ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
 def _mask_base(Mask, b, h, smb, smh):
     """The mask's entries of batch ``b``, head ``h``. 64-bit offsets: a mask that varies along
     queries and keys can hold more than 2**31 entries, unlike q, k and v."""

@@ -44,7 +44,8 @@ import triton.language as tl
 from .._block_layout import BlockIndex, cached_block_index
 from ._common import LOG2E, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, jit_with_scalars, launch_delta
 from ._common import _LN2, _LOG2E, _bias_of, _configs, _dot_precision, _empty_rows_give_zero
-from ._common import _finite_or_zero, _interpreting, _launcher, _mask_base, _mask_bias, _mask_tile
+from ._common import _finite_or_zero, _interpreting, _launcher, _load, _mask_base, _mask_bias
+from ._common import _mask_tile
 from ._common import _online_softmax, _online_softmax_start, _probs, _scores, _weights, launch_tuned
 from ._common import BY_KEY, BY_QUERY, _along_keys, _along_queries, _dkdv_products, _dkdv_scores
 from ._common import _dq_products
@@ -212,17 +213,12 @@ def _load_keys(k_ptrs, v_ptrs, key0, keys, N, skn, svn, K_TRANSPOSED: tl.constex
     ``[BLOCK_N, Dv]``. The bound is checked on every tile (a compare per loaded element) so that
     every step of the walk is the same code for the pipeliner; with ``WHOLE_BLOCKS`` (the keys
     end on a block boundary: no tile reaches past them) it is not checked at all."""
-    if WHOLE_BLOCKS:
-        k = tl.load(k_ptrs + key0 * skn)
-        v = tl.load(v_ptrs + key0 * svn)
+    inside = keys < N
+    if K_TRANSPOSED:
+        k = _load(k_ptrs + key0 * skn, inside[None, :], not WHOLE_BLOCKS)
     else:
-        inside = keys < N
-        if K_TRANSPOSED:
-            k = tl.load(k_ptrs + key0 * skn, mask=inside[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs + key0 * skn, mask=inside[:, None], other=0.0)
-        v = tl.load(v_ptrs + key0 * svn, mask=inside[:, None], other=0.0)
-    return k, v
+        k = _load(k_ptrs + key0 * skn, inside[:, None], not WHOLE_BLOCKS)
+    return k, _load(v_ptrs + key0 * svn, inside[:, None], not WHOLE_BLOCKS)
 
 
 @triton.jit
@@ -437,16 +433,10 @@ def _dkdv_tile(
     pos = pos0 + offs_m
     m_valid = (pos >= q_off) & (pos < N)
     rows = pos0 - q_off
-    if QUERIES_WHOLE:
-        q = tl.load(q_ptrs + rows * sqn)
-        do = tl.load(do_ptrs + rows * sgn)
-        lse2 = tl.load(l_ptrs + rows * sln)
-        row_delta = tl.load(d_ptrs + rows)
-    else:
-        q = tl.load(q_ptrs + rows * sqn, mask=m_valid[:, None], other=0.0)
-        do = tl.load(do_ptrs + rows * sgn, mask=m_valid[:, None], other=0.0)
-        lse2 = tl.load(l_ptrs + rows * sln, mask=m_valid, other=0.0)
-        row_delta = tl.load(d_ptrs + rows, mask=m_valid, other=0.0)
+    q = _load(q_ptrs + rows * sqn, m_valid[:, None], not QUERIES_WHOLE)
+    do = _load(do_ptrs + rows * sgn, m_valid[:, None], not QUERIES_WHOLE)
+    lse2 = _load(l_ptrs + rows * sln, m_valid, not QUERIES_WHOLE)
+    row_delta = _load(d_ptrs + rows, m_valid, not QUERIES_WHOLE)
     lse2 = _empty_rows_give_zero(lse2 * _LOG2E, HAS_MASK)
     s = _dkdv_scores(k, q, DOT_PRECISION, BY_QUERY) * scale_log2
     if HAS_MASK:

@@ -54,6 +54,7 @@ from ._common import (
     _dot_precision,
     _empty_rows_give_zero,
     _finite_or_zero,
+    _load,
     _mask_base,
     _mask_bias,
     _mask_tile,
@@ -288,15 +289,9 @@ def _fwd_keys(
                                MASK_PER_QUERY)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if EDGE:
-            n_valid = cols < n_rows
-            k = tl.load(k_base + cols[None, :] * k_step + offs_d[:, None] * skd,
-                        mask=n_valid[None, :], other=0.0)
-            v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd,
-                        mask=n_valid[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + cols[None, :] * k_step + offs_d[:, None] * skd)
-            v = tl.load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd)
+        n_valid = cols < n_rows
+        k = _load(k_base + cols[None, :] * k_step + offs_d[:, None] * skd, n_valid[None, :], EDGE)
+        v = _load(v_base + cols[:, None] * v_step + offs_dv[None, :] * svd, n_valid[:, None], EDGE)
         s = _scores(tl.dot(q, k, input_precision=DOT_PRECISION), scale_log2, RAW)
         if EDGE:
             keep = n_valid[None, :]
@@ -419,15 +414,11 @@ def _dq_keys(
                                MASK_PER_QUERY)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if EDGE:
-            n_valid = cols < n_rows
-            k = tl.load(k_base + cols[:, None] * (rate * skn) + offs_d[None, :] * skd,
-                        mask=n_valid[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * (rate * svn) + offs_dv[None, :] * svd,
-                        mask=n_valid[:, None], other=0.0)
-        else:  # whole tiles: every key row is in the segment
-            k = tl.load(k_base + cols[:, None] * (rate * skn) + offs_d[None, :] * skd)
-            v = tl.load(v_base + cols[:, None] * (rate * svn) + offs_dv[None, :] * svd)
+        n_valid = cols < n_rows  # (whole tiles: every key row is in the segment, unchecked)
+        k = _load(k_base + cols[:, None] * (rate * skn) + offs_d[None, :] * skd, n_valid[:, None],
+                  EDGE)
+        v = _load(v_base + cols[:, None] * (rate * svn) + offs_dv[None, :] * svd,
+                  n_valid[:, None], EDGE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         if APPLY_MASK:
             s += _bias_of(mask_next, MASK_BOOL)
@@ -532,19 +523,13 @@ def _dkdv_queries(
         if EDGE:
             start_m = tl.where(step < n_head, start_m, tail + (step - n_head) * BLOCK_M)
         rows = start_m + offs_m
-        q_ptrs = q_base + rows[:, None] * (rate * sqn) + offs_d[None, :] * sqd
-        do_ptrs = do_base + rows[:, None] * (rate * sgn) + offs_dv[None, :] * sgd
-        if EDGE:
-            m_valid = _valid_rows(rows, first, n_rows, QUERY_TAIL)
-            q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=m_valid[:, None], other=0.0)
-            lse2 = tl.load(l_base + rows * (rate * sln), mask=m_valid, other=0.0)
-            row_delta = tl.load(d_base + rows * rate, mask=m_valid, other=0.0)
-        else:  # whole blocks: every row is a query
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse2 = tl.load(l_base + rows * (rate * sln))
-            row_delta = tl.load(d_base + rows * rate)
+        m_valid = _valid_rows(rows, first, n_rows, QUERY_TAIL)  # (whole blocks: all, unchecked)
+        q = _load(q_base + rows[:, None] * (rate * sqn) + offs_d[None, :] * sqd, m_valid[:, None],
+                  EDGE)
+        do = _load(do_base + rows[:, None] * (rate * sgn) + offs_dv[None, :] * sgd,
+                   m_valid[:, None], EDGE)
+        lse2 = _load(l_base + rows * (rate * sln), m_valid, EDGE)
+        row_delta = _load(d_base + rows * rate, m_valid, EDGE)
         lse2 = _empty_rows_give_zero(lse2 * _LOG2E, HAS_MASK)
         s = _dkdv_scores(k, q, DOT_PRECISION, BY_QUERY) * scale_log2
         if EDGE:

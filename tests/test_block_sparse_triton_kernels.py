@@ -32,6 +32,7 @@ from test_triton_kernels import (
     _reference,
     _unattended_keys,
     launch_symbolically,
+    launch_with_one_config,
     runs_kernels,
 )
 
@@ -264,16 +265,8 @@ BY_QUERY_CASES = ["band-ragged-causal", "bigbird-gqa-causal", "tail-causal", "ke
 
 @pytest.fixture
 def dkdv_by_query(monkeypatch):
-    import triton
-
-    from dilated_compile.ops._triton.tuning import REGISTRY
-
-    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "0")  # on CUDA: the (patched) first config
-    for name, autotuner in REGISTRY.items():
-        if name.startswith("block_sparse_bwd_dkdv"):
-            config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BY_QUERY": True}, num_warps=4,
-                                   num_stages=2)
-            monkeypatch.setattr(autotuner, "configs", [config])
+    launch_with_one_config(monkeypatch, "block_sparse_bwd_dkdv", BLOCK_M=16, BLOCK_N=16,
+                           BY_QUERY=True)
 
 
 @runs_kernels

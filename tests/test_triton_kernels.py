@@ -447,20 +447,27 @@ UNEVEN_TILE_CASES = [
 _UNEVEN_TILES = {"dilated_fwd": (32, 16), "dilated_bwd_dq": (32, 16), "dilated_bwd_dkdv": (16, 32)}
 
 
-@pytest.fixture
-def uneven_tiles(monkeypatch):
+def launch_with_one_config(monkeypatch, prefix: str, **constexprs) -> None:
+    """Give the registered kernels whose names start with ``prefix`` the single config
+    ``constexprs`` (4 warps, 2 stages); on CUDA ``DILATED_COMPILE_AUTOTUNE=0`` then launches it
+    (the first candidate), and the interpreter launches a kernel's candidates as they are."""
     import triton
 
     from dilated_compile.ops._triton.tuning import REGISTRY
 
-    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "0")  # on CUDA: the (patched) first config
-    for name, (block_m, block_n) in _UNEVEN_TILES.items():
-        for variant in (name, f"{name}_fp32"):
-            fields = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-            if name == "dilated_bwd_dkdv":
-                fields["BY_QUERY"] = False
-            config = triton.Config(fields, num_warps=4, num_stages=2)
-            monkeypatch.setattr(REGISTRY[variant], "configs", [config])
+    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "0")
+    config = triton.Config(constexprs, num_warps=4, num_stages=2)
+    names = [name for name in REGISTRY if name.startswith(prefix)]
+    assert names, prefix
+    for name in names:
+        monkeypatch.setattr(REGISTRY[name], "configs", [config])
+
+
+@pytest.fixture
+def uneven_tiles(monkeypatch):
+    for name, (block_m, block_n) in _UNEVEN_TILES.items():  # and the float32 variants
+        by_query = {"BY_QUERY": False} if name == "dilated_bwd_dkdv" else {}
+        launch_with_one_config(monkeypatch, name, BLOCK_M=block_m, BLOCK_N=block_n, **by_query)
 
 
 @runs_kernels
@@ -484,15 +491,7 @@ BY_QUERY_CASES = [
 
 @pytest.fixture
 def dkdv_by_query(monkeypatch):
-    import triton
-
-    from dilated_compile.ops._triton.tuning import REGISTRY
-
-    monkeypatch.setenv("DILATED_COMPILE_AUTOTUNE", "0")  # on CUDA: the (patched) first config
-    for variant in ("dilated_bwd_dkdv", "dilated_bwd_dkdv_fp32"):
-        config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BY_QUERY": True}, num_warps=4,
-                               num_stages=2)
-        monkeypatch.setattr(REGISTRY[variant], "configs", [config])
+    launch_with_one_config(monkeypatch, "dilated_bwd_dkdv", BLOCK_M=16, BLOCK_N=32, BY_QUERY=True)
 
 
 @runs_kernels

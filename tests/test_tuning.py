@@ -168,6 +168,11 @@ def test_tune_refuses_an_unknown_kernel_prefix():
                              "--kernels", "no_such_kernel"], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "--kernels" in result.stderr and "no_such_kernel" in result.stderr
     assert not os.path.exists("unused.json")
+    # A registered prefix is taken (the kernels are registered by then): on to the GPU check.
+    result = subprocess.run([sys.executable, "-m", "dilated_compile.tune", "--out", "unused.json",
+                             "--kernels", "dilated_bwd_dkdv"], capture_output=True, text=True,
+                            env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2 and "--kernels" not in result.stderr and "CUDA" in result.stderr
 
 
 def test_tune_needs_a_gpu_and_says_so():

@@ -15,6 +15,21 @@ from ..spec import DilatedSpec
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def static_int(value):
+    """``value`` as a Python int when it is a ``torch.SymInt`` (else unchanged).
+
+    ``torch.compile(..., dynamic=True)`` hands an op the ints it reads from closures and globals
+    as symbols. A pattern's numbers fix the kernels' structure (tile walks, constexprs), so they
+    are specialised here: ``int()`` guards the compiled graph on the value, which a pattern keeps
+    from call to call, so nothing recompiles."""
+    return int(value) if isinstance(value, torch.SymInt) else value
+
+
+def static_ints(values: Sequence[int]) -> list[int]:
+    """``static_int`` of each of ``values`` (segment lengths, dilation rates)."""
+    return [static_int(x) for x in values]
+
+
 def check_pattern(
     segment_lengths: Sequence[int], dilation_rates: Sequence[int], mode: str
 ) -> DilatedSpec:

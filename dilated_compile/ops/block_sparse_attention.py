@@ -25,7 +25,9 @@ from torch import Tensor
 
 from ..block_sparse_spec import BlockSparseSpec
 from . import block_sparse_attention_pytorch as _pytorch
-from ._checks import check_attention_inputs, check_attn_mask, check_attn_mask_grad, expand_attn_mask
+from ._checks import (
+    check_attention_inputs, check_attn_mask, check_attn_mask_grad, expand_attn_mask, static_int,
+)
 from ._numerics import lse_dtype, resolve_scale
 from ._triton import block_sparse_attention as _kernels
 
@@ -75,6 +77,8 @@ def block_sparse_attention_forward(
     layout None or bool [H or 1, >= Mk, >= Mk] (Mk = ceil(Nk / block_size)), attn_mask
     broadcastable to [B, Hq, Nq, Nk] or None -> out [B, Hq, Nq, Dv] in q.dtype, lse [B, Hq, Nq]
     (float32; float64 for float64 inputs; -inf on rows that attend no key)."""
+    block_size, local_blocks, global_blocks, random_blocks, seed = map(
+        static_int, (block_size, local_blocks, global_blocks, random_blocks, seed))
     check_block_sparse_args(q, k, v, block_size, local_blocks, global_blocks, random_blocks, seed,
                             layout, attn_mask)
     if uses_block_sparse_kernels(q, k, v, block_size):
@@ -110,6 +114,8 @@ def block_sparse_attention_backward(
     """dq, dk, dv of ``block_sparse_attention`` given dL/dout, dL/dlse (None when the lse is
     unused), the forward's inputs and its ``out`` and ``lse``. No gradient for the mask or the
     layout."""
+    block_size, local_blocks, global_blocks, random_blocks, seed = map(
+        static_int, (block_size, local_blocks, global_blocks, random_blocks, seed))
     check_block_sparse_args(q, k, v, block_size, local_blocks, global_blocks, random_blocks, seed,
                             layout, attn_mask)
     if uses_block_sparse_kernels(q, k, v, block_size):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import dilated_attention_pytorch as _pytorch
-from ._checks import check_attn_mask_grad, check_op_args, expand_attn_mask
+from ._checks import check_attn_mask_grad, check_op_args, expand_attn_mask, static_ints
 from ._numerics import resolve_scale
 from ._triton import dilated_attention as _kernels
 
@@ -58,6 +58,7 @@ def dilated_attention_forward(
     Shapes: q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (Hq % Hkv == 0, Nq <= Nk),
     attn_mask broadcastable to [B, Hq, Nq, Nk] or None -> out [B, Hq, Nq, Dv] in q.dtype,
     lse [B, Hq, Nq] (float32; float64 for float64 inputs; -inf on rows that attend no key)."""
+    segment_lengths, dilation_rates = static_ints(segment_lengths), static_ints(dilation_rates)
     check_op_args(q, k, v, segment_lengths, dilation_rates, mode, attn_mask)
     mask = expand_attn_mask(attn_mask, q, k)
     if uses_triton_kernels(q, k, v):
@@ -89,6 +90,7 @@ def dilated_attention_backward(
     """dq, dk, dv of ``dilated_attention`` given dL/dout, dL/dlse (None when the lse is unused),
     the forward's inputs (``attn_mask`` included) and its ``out`` and ``lse``. Deterministic on
     every path; no gradient for the mask."""
+    segment_lengths, dilation_rates = static_ints(segment_lengths), static_ints(dilation_rates)
     check_op_args(q, k, v, segment_lengths, dilation_rates, mode, attn_mask)
     mask = expand_attn_mask(attn_mask, q, k)
     if uses_triton_kernels(q, k, v):

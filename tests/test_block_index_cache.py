@@ -49,11 +49,42 @@ def test_traced_calls_build_the_index_as_graph_ops():
 
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(torch.empty(0))
-        assert _block_layout._tracing(fake)
-    assert not _block_layout._tracing(torch.empty(0))
+        assert _block_layout.tracing(fake)
+    assert not _block_layout.tracing(torch.empty(0))
 
     def fn(x):
         return _index(like=x).kv_counts.sum() + x
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(torch.zeros(())), fn(torch.zeros(())))
+
+
+def test_an_index_built_under_a_functional_trace_is_not_kept():
+    """A triton_op's body is traced for Inductor under a functional mode, with Python functional
+    tensors that neither ``is_compiling`` nor a proxy mode reveals. An index built there holds
+    the trace's tensors: kept, it would reach the next eager call, whose kernel launch cannot
+    read a functional tensor's data."""
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    like = torch.empty(0)
+    seq = 333  # a key no other test uses
+    with FunctionalTensorMode():
+        traced = _index(like=FunctionalTensor.to_functional(like), seq=seq)
+        assert isinstance(traced.kv_indices, FunctionalTensor)
+        assert _block_layout.tracing(like)  # the active mode alone marks the trace
+    eager = _index(like=like, seq=seq)
+    assert type(eager.kv_indices) is torch.Tensor and _index(like=like, seq=seq) is eager
+
+
+def test_the_eager_cache_keeps_nothing_built_under_a_dispatch_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    cache = _block_layout.EagerCache(4)
+    with Passthrough():
+        assert cache.get("key", None, lambda: 1) == 1
+    assert len(cache) == 0
+    assert cache.get("key", None, lambda: 2) == 2 and cache.get("key", None, lambda: 3) == 2

@@ -225,7 +225,10 @@ class EagerCache:
         return len(self._entries)
 
     def get(self, key: Any, held: Any, build: Callable[[], Any]) -> Any:
-        """The value of ``key`` (built by ``build()`` on a miss), ``held`` kept alive with it."""
+        """The value of ``key`` (built by ``build()`` on a miss), ``held`` kept alive with it.
+        Under tracing the value is built and not kept: it would hold the trace's tensors."""
+        if tracing(held if isinstance(held, Tensor) else None):
+            return build()
         version = held._version if isinstance(held, Tensor) else None
         hit = self._entries.get(key)
         if hit is not None and hit[0] is held and hit[1] == version:
@@ -245,17 +248,22 @@ _INDEX_CACHE_SIZE = 32
 _INDEX_CACHE = EagerCache(_INDEX_CACHE_SIZE)
 
 
-def _tracing(t: Tensor) -> bool:
-    """Whether ``t`` belongs to a trace (Dynamo, make_fx, fake or functional tensors), where the
-    index must be built as graph ops rather than served from a cache."""
+def tracing(t: Tensor | None = None) -> bool:
+    """Whether this call is being traced (Dynamo, AOTAutograd, make_fx, export), or ``t``
+    belongs to a trace: a dispatch mode is active (fake, functional, proxy), or ``t`` is a fake
+    or functional tensor. Values built then are the trace's, never an eager cache's: a
+    ``triton_op``'s body, for one, is traced under a functional mode with functional tensors
+    that neither ``is_compiling`` nor a proxy mode reveals."""
     from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
     return (
         torch.compiler.is_compiling()
-        or isinstance(t, FakeTensor)
-        or torch._is_functional_tensor(t)
+        or torch._C._len_torch_dispatch_stack() > 0
         or get_proxy_mode() is not None
+        or (t is not None and (isinstance(t, (FakeTensor, FunctionalTensor))
+                               or torch._is_functional_tensor(t)))
     )
 
 
@@ -269,7 +277,7 @@ def cached_block_index(like: Tensor, *arguments, transpose: bool = False) -> Blo
     the graph."""
     layout = arguments[5]
     args = (*arguments, like.device)
-    if _tracing(like) or (layout is not None and _tracing(layout)):
+    if tracing(like) or (layout is not None and tracing(layout)):
         return build_block_index(*args, transpose=transpose)
     key = (*args[:5], None if layout is None else id(layout), *args[6:], transpose)
     return _INDEX_CACHE.get(key, layout, lambda: build_block_index(*args, transpose=transpose))

@@ -17,10 +17,16 @@ against the PyTorch implementation). Effective TFLOP/s counts kept blocks only:
 forward+backward. ``--memory`` also runs forward+backward at 256K, 512K and 1M tokens and reports
 the peak bytes per token of each (linear in N: the same at every length). ``--no-flex`` leaves
 FlexAttention out (its first compile takes minutes per layout and length); ours is then checked
-against the PyTorch implementation at every length. Usage::
+against the PyTorch implementation at every length.
+
+"ours ms" is the op called eagerly; "graph ms" the same step replayed from a CUDA graph (the
+GPU's time without the host's cost of issuing the launches, which sets an eager call's time at
+16K); ``--compiled`` also times the call under ``torch.compile`` (Inductor launches the kernels,
+as it does FlexAttention's), and "compiled x flex" compares like with like. Usage::
 
     PYTHONPATH=. python benchmarks/bench_block_sparse.py
     PYTHONPATH=. python benchmarks/bench_block_sparse.py --n 65536 --layouts local --no-causal
+    PYTHONPATH=. python benchmarks/bench_block_sparse.py --n 16384 --compiled
     PYTHONPATH=. python benchmarks/bench_block_sparse.py --n --memory   # the memory check alone
 """
 
@@ -33,7 +39,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from timing import median_ms
+from timing import graph_ms, median_ms
 
 from dilated_compile import BlockSparseSpec
 from dilated_compile.ops import block_sparse_attention_op
@@ -88,6 +94,17 @@ def ours(q, k, v, e: Experiment):
                                      s.random_blocks, s.seed, s.layout, e.causal, None)[0]
 
 
+_COMPILED = None
+
+
+def ours_compiled(q, k, v, e: Experiment):
+    """``ours`` under ``torch.compile`` (one graph per experiment: the pattern is a constant)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(ours, fullgraph=True, dynamic=False)
+    return _COMPILED(q, k, v, e)
+
+
 def dense(q, k, v, e: Experiment):
     return F.scaled_dot_product_attention(q, k, v, is_causal=e.causal)
 
@@ -121,6 +138,15 @@ def inputs(e: Experiment, seed=0):
 
 def bench(fn, e: Experiment, q, k, v) -> float:
     return median_ms(lambda: fn(q, k, v, e), [q, k, v], e.backward)
+
+
+def replayed(e: Experiment, q, k, v) -> float | None:
+    """Ours replayed from a CUDA graph: the GPU's time without the host's cost of issuing it."""
+    try:
+        return graph_ms(lambda: ours(q, k, v, e), [q, k, v], e.backward)
+    except Exception as exc:  # noqa: BLE001 - reported, the row keeps its other columns
+        print(f"# graph capture of {e}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        return None
 
 
 def rel_err(a, b) -> float:
@@ -171,6 +197,8 @@ def main():
     parser.add_argument("--memory", action="store_true",
                         help="also fwd+bwd peak memory at 256K, 512K and 1M tokens")
     parser.add_argument("--no-flex", action="store_true", help="leave FlexAttention out")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time ours under torch.compile (one compile per row)")
     args = parser.parse_args()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -200,7 +228,15 @@ def main():
         if any(not err < 2e-2 for err in errors.values()):
             raise SystemExit(f"{e}: results off {errors}; not timing")
         stage("timing ours")
-        row = dict(e=e, errors=errors, ours=bench(ours, e, q, k, v))
+        row = dict(e=e, errors=errors, ours=bench(ours, e, q, k, v), graph=replayed(e, q, k, v))
+        if args.compiled:
+            stage("compiling ours")
+            with torch.no_grad():
+                errors["compiled_vs_eager"] = rel_err(ours_compiled(q, k, v, e), ours(q, k, v, e))
+            if not errors["compiled_vs_eager"] < 1e-2:
+                raise SystemExit(f"{e}: compiled differs from eager {errors}; not timing")
+            stage("timing ours compiled")
+            row["compiled"] = bench(ours_compiled, e, q, k, v)
         if e.n <= DENSE_MAX_N:
             stage("timing dense")
             row["dense"] = bench(dense, e, q, k, v)
@@ -213,19 +249,21 @@ def main():
     print()
     print(meta)
     print("| layout | N | D | causal | pass | ours ms | TFLOP/s | dense ms | dense TFLOP/s | "
-          "x dense TFLOP/s | flex ms | x flex |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "x dense TFLOP/s | flex ms | x flex | graph ms | compiled ms | compiled x flex |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         e = r["e"]
         tflops = useful_flops(e) / r["ours"] / 1e9
-        dense_ms, flex_ms = r.get("dense"), r.get("flex")
+        dense_ms, flex_ms, compiled_ms = r.get("dense"), r.get("flex"), r.get("compiled")
         dense_tflops = dense_flops(e) / dense_ms / 1e9 if dense_ms else None
         fmt = lambda x, f: f.format(x) if x is not None else "—"  # noqa: E731
         print(f"| {e.layout} | {e.n // K}K | {e.head_dim} | {e.causal} | "
               f"{'fwd+bwd' if e.backward else 'fwd'} | {r['ours']:.3f} | {tflops:.0f} | "
               f"{fmt(dense_ms, '{:.3f}')} | {fmt(dense_tflops, '{:.0f}')} | "
               f"{fmt(tflops / dense_tflops if dense_tflops else None, '{:.2f}')} | "
-              f"{fmt(flex_ms, '{:.3f}')} | {fmt(flex_ms / r['ours'] if flex_ms else None, '{:.2f}')} |")
+              f"{fmt(flex_ms, '{:.3f}')} | {fmt(flex_ms / r['ours'] if flex_ms else None, '{:.2f}')} | "
+              f"{fmt(r['graph'], '{:.3f}')} | {fmt(compiled_ms, '{:.3f}')} | "
+              f"{fmt(flex_ms / compiled_ms if flex_ms and compiled_ms else None, '{:.2f}')} |")
     if args.memory:
         print()
         for n in (256 * K, 512 * K, 1024 * K):

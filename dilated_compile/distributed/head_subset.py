@@ -16,11 +16,10 @@ copy of the part's rows.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..ops import dilated_attention_op
+from ..ops._block_layout import EagerCache
 from ..ops._numerics import lse_dtype
 from ..ops._pattern import head_parts
 from ..spec import DilatedSpec
@@ -68,12 +67,19 @@ def dilated_head_subset_attention(
     return merged.view(batch, heads, n, dv).to(q.dtype) + connected_zero(q, k, v)
 
 
-@functools.lru_cache(maxsize=64)
+# Built once per call class in eager (no host work or copy on later calls); under tracing the
+# positions are graph ops, never a cached trace tensor.
+_POSITIONS = EagerCache(64)
+
+
 def _positions(n: int, w: int, r: int, o: int, device: torch.device) -> torch.Tensor:
     """The positions of ``[0, n)`` whose local index (segments of ``w``) is ``o`` mod ``r``, on
-    ``device`` (built once per call class: no host work or copy on later calls)."""
-    positions = torch.arange(n)
-    return positions[positions % w % r == o].to(device)
+    ``device``."""
+    def build() -> torch.Tensor:
+        positions = torch.arange(n)
+        return positions[positions % w % r == o].to(device)
+
+    return _POSITIONS.get((n, w, r, o, device), None, build)
 
 
 def _part_mask(mask: torch.Tensor, heads: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
